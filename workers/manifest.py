@@ -1,0 +1,106 @@
+"""Small typed records that travel between the steps (and, as JSON, through task messages)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A checkpoint file as archived: its name in the host directory, size and row count."""
+
+    name: str
+    size: int
+    rows: int = 0
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """An input that was reported and left in place."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class HostManifest:
+    """What loading one host produced: the files it covers and where its rows are staged."""
+
+    cluster: str
+    host: str
+    cutoff: int
+    run_id: str
+    files: list[SourceFile] = field(default_factory=list)
+    rows: int = 0
+    chunk: str | None = None  # staging URL; None when the host has no rows
+    bad: list[BadFile] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form, for task messages and results."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HostManifest:
+        """Inverse of `to_dict`."""
+        data = dict(data)
+        data["files"] = [SourceFile(**f) for f in data.get("files", [])]
+        data["bad"] = [BadFile(**b) for b in data.get("bad", [])]
+        return cls(**data)
+
+
+@dataclass
+class DeleteResult:
+    """Outcome of deleting one host's archived (or expired) checkpoint files."""
+
+    cluster: str
+    host: str
+    deleted: list[str] = field(default_factory=list)
+    already_gone: list[str] = field(default_factory=list)
+    kept: list[BadFile] = field(default_factory=list)  # changed since loading, or unremovable
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeleteResult:
+        """Inverse of `to_dict`."""
+        data = dict(data)
+        data["kept"] = [BadFile(**b) for b in data.get("kept", [])]
+        return cls(**data)
+
+
+@dataclass
+class ClusterReport:
+    """One cluster's outcome, as shown in the CLI summary."""
+
+    cluster: str
+    cutoff: int
+    run_id: str
+    hosts: int = 0
+    files_archived: int = 0
+    files_deleted: int = 0
+    rows: int = 0
+    bytes_written: int = 0
+    archive: str | None = None  # URL of the Parquet file, None when there was nothing
+    bad: list[BadFile] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when everything selected was archived and nothing was reported."""
+        return not self.bad and not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterReport:
+        """Inverse of `to_dict`."""
+        data = dict(data)
+        data["bad"] = [BadFile(**b) for b in data.get("bad", [])]
+        return cls(**data)

@@ -1,0 +1,281 @@
+"""The archiver's steps as plain functions: discover, load a host, finalize a cluster, delete.
+
+Nothing here knows about Celery or process pools: `runner` (in-process) and `tasks`
+(Celery) both call these with JSON-able arguments and get small manifests back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import sink, staging, storage
+from .checkpoint import BadCheckpoint, Series, checkpoint_timestamp, parse_binary, parse_json
+from .manifest import BadFile, DeleteResult, HostManifest, SourceFile
+from .rows import count_values, host_table
+
+log = logging.getLogger(__name__)
+
+
+class UnsafeName(ValueError):
+    """A cluster, host or file name that could reach outside the configured roots."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return `name` if it is a single safe path component, else raise UnsafeName."""
+    if not isinstance(name, str) or name in ("", ".", ".."):
+        raise UnsafeName(f"invalid {what} {name!r}")
+    if "/" in name or "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise UnsafeName(f"invalid {what} {name!r}: path separator or control character")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:  # undecodable bytes from the directory listing
+        raise UnsafeName(f"invalid {what} {name!r}: not UTF-8") from exc
+    return name
+
+
+def host_dir(checkpoints: str | Path, cluster: str, host: str) -> Path:
+    """The directory of one host, refusing names that would leave the checkpoint root."""
+    root = Path(checkpoints)
+    path = root / check_name(cluster, "cluster") / check_name(host, "host")
+    # Symlinked directories are not followed during discovery; refuse them here as well.
+    if os.path.realpath(path) != os.path.join(os.path.realpath(root), cluster, host):
+        raise UnsafeName(f"{path} resolves outside {root}")
+    return path
+
+
+@dataclass
+class ClusterPlan:
+    """A cluster found under the checkpoint root, with its host directories."""
+
+    cluster: str
+    hosts: list[str] = field(default_factory=list)
+    bad: list[BadFile] = field(default_factory=list)
+
+
+def _subdirs(path: Path) -> tuple[list[str], list[BadFile]]:
+    names: list[str] = []
+    bad: list[BadFile] = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            # Only real directories: a symlink could point anywhere.
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                names.append(check_name(entry.name))
+            except UnsafeName as exc:
+                bad.append(BadFile(os.path.join(path, entry.name), str(exc)))
+    # Code point order equals UTF-8 byte order: the archive's host order.
+    return sorted(names), bad
+
+
+def discover(checkpoints: str | Path) -> list[ClusterPlan]:
+    """Clusters and their hosts under the checkpoint root; unreadable directories reported."""
+    root = Path(checkpoints)
+    clusters, bad_clusters = _subdirs(root)
+    plans: list[ClusterPlan] = []
+    for cluster in clusters:
+        plan = ClusterPlan(cluster)
+        try:
+            plan.hosts, plan.bad = _subdirs(root / cluster)
+        except OSError as exc:
+            plan.bad.append(BadFile(str(root / cluster), f"cannot list: {exc.strerror or exc}"))
+        plans.append(plan)
+    if bad_clusters:
+        log.warning("skipped directories with unsafe names: %s", bad_clusters)
+    return plans
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The checkpoint files of one host that a cutoff selects, and the bad names seen."""
+
+    files: list[tuple[str, int]]  # (name, ts), in (ts, name) order
+    bad: list[BadFile]
+
+
+def select_files(directory: Path, cutoff: int) -> Selection:
+    """Checkpoint files with 0 < ts <= cutoff; bad names reported; everything else ignored."""
+    files: list[tuple[str, int]] = []
+    bad: list[BadFile] = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            ts = checkpoint_timestamp(entry.name)
+            if isinstance(ts, BadCheckpoint):
+                bad.append(BadFile(entry.path, ts.reason))
+            elif ts is not None and ts != 0 and ts <= cutoff:
+                files.append((entry.name, ts))
+    files.sort(key=lambda f: (f[1], f[0]))
+    return Selection(files, bad)
+
+
+def _read(path: Path) -> tuple[list[Series], int]:
+    """Parse one file and return its series with the size of the bytes actually parsed."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise BadCheckpoint(f"cannot open: {exc.strerror or exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadCheckpoint("not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError as exc:
+        raise BadCheckpoint(f"cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    series = parse_binary(data) if path.suffix == ".bin" else parse_json(data)
+    return series, len(data)
+
+
+def load_host(
+    checkpoints: str,
+    cluster: str,
+    host: str,
+    cutoff: int,
+    staging_url: str,
+    run_id: str,
+    chunk_compression: str | None = "lz4",
+) -> HostManifest:
+    """Read a host's selected files, sort its rows and stage them as one Arrow IPC chunk."""
+    started = time.perf_counter()
+    manifest = HostManifest(cluster=cluster, host=host, cutoff=cutoff, run_id=run_id)
+    directory = host_dir(checkpoints, cluster, host)
+    try:
+        selection = select_files(directory, cutoff)
+    except OSError as exc:
+        manifest.bad.append(BadFile(str(directory), f"cannot list: {exc.strerror or exc}"))
+        return manifest
+    manifest.bad.extend(selection.bad)
+    series: list[Series] = []
+    for name, _ts in selection.files:
+        path = directory / name
+        try:
+            file_series, size = _read(path)
+        except BadCheckpoint as exc:
+            manifest.bad.append(BadFile(str(path), exc.reason))
+            log.warning("bad checkpoint %s: %s", path, exc.reason)
+            continue
+        manifest.files.append(SourceFile(name, size, count_values(file_series)))
+        series.extend(file_series)
+    table = host_table(series)
+    del series
+    manifest.rows = table.num_rows
+    if table.num_rows:
+        url = staging.chunk_url(staging_url, run_id, cluster, host)
+        staging.write_chunk(table, url, chunk_compression)
+        manifest.chunk = url
+    manifest.seconds = time.perf_counter() - started
+    return manifest
+
+
+def finalize_cluster(
+    cluster: str,
+    cutoff: int,
+    run_id: str,
+    manifests: list[HostManifest],
+    archive: str,
+    options: sink.ParquetOptions | None = None,
+) -> sink.ArchiveInfo | None:
+    """Stream the cluster's chunks in host order into its verified archive; None if no rows."""
+    check_name(cluster, "cluster")
+    ordered = sorted((m for m in manifests if m.files), key=lambda m: m.host)
+    if not any(m.rows for m in ordered):
+        return None
+    url = sink.archive_url(archive, cluster, cutoff)
+    hosts = ((m.host, staging.read_chunk(m.chunk)) for m in ordered if m.rows and m.chunk)
+    return sink.write_archive(
+        url,
+        cluster,
+        hosts,
+        expected_rows={m.host: m.rows for m in ordered},
+        metadata=sink.footer_metadata(cluster, cutoff, run_id, ordered),
+        options=options or sink.ParquetOptions(),
+    )
+
+
+def delete_files(
+    checkpoints: str, cluster: str, host: str, files: list[SourceFile]
+) -> DeleteResult:
+    """Delete exactly these files of one host, each only if its size is unchanged."""
+    result = DeleteResult(cluster=cluster, host=host)
+    directory = host_dir(checkpoints, cluster, host)
+    for f in files:
+        path = directory / check_name(f.name, "file name")
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            result.already_gone.append(f.name)
+            continue
+        except OSError as exc:
+            result.kept.append(BadFile(str(path), f"cannot stat: {exc.strerror or exc}"))
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
+            result.kept.append(
+                BadFile(
+                    str(path), f"changed since it was archived ({st.st_size} != {f.size} bytes)"
+                )
+            )
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            result.already_gone.append(f.name)
+        except OSError as exc:
+            result.kept.append(BadFile(str(path), f"cannot delete: {exc.strerror or exc}"))
+        else:
+            result.deleted.append(f.name)
+    return result
+
+
+def delete_expired(checkpoints: str, cluster: str, host: str, cutoff: int) -> DeleteResult:
+    """Delete mode: remove the host's checkpoint files selected by the cutoff, unread."""
+    directory = host_dir(checkpoints, cluster, host)
+    try:
+        selection = select_files(directory, cutoff)
+    except OSError as exc:
+        result = DeleteResult(cluster=cluster, host=host)
+        result.kept.append(BadFile(str(directory), f"cannot list: {exc.strerror or exc}"))
+        return result
+    sizes = []
+    for name, _ts in selection.files:
+        try:
+            sizes.append(SourceFile(name, os.stat(directory / name).st_size))
+        except OSError:
+            continue
+    result = delete_files(checkpoints, cluster, host, sizes)
+    result.kept.extend(selection.bad)
+    return result
+
+
+def cleanup_staging(staging_url: str, run_id: str, cluster: str) -> None:
+    """Remove a cluster's staging chunks of one run (and the run's prefix once empty)."""
+    storage.remove_tree(staging.cluster_url(staging_url, run_id, cluster))
+    fs, path = storage.filesystem(staging.run_url(staging_url, run_id))
+    try:
+        if fs.exists(path) and not fs.ls(path):
+            fs.rmdir(path)
+    except OSError:
+        pass  # another cluster of the run is still staged, or the prefix is already gone
+
+
+__all__ = [
+    "ClusterPlan",
+    "Selection",
+    "UnsafeName",
+    "check_name",
+    "cleanup_staging",
+    "delete_expired",
+    "delete_files",
+    "discover",
+    "finalize_cluster",
+    "host_dir",
+    "load_host",
+    "select_files",
+]
