@@ -160,7 +160,7 @@ def load_host(
             file_series, size = _read(path)
         except BadCheckpoint as exc:
             manifest.bad.append(BadFile(str(path), exc.reason))
-            log.warning("bad checkpoint %s: %s", path, exc.reason)
+            log.info("bad checkpoint %s: %s", path, exc.reason)
             continue
         manifest.files.append(SourceFile(name, size, count_values(file_series)))
         series.extend(file_series)

@@ -1,0 +1,245 @@
+"""The embedded runner: the whole pipeline on one machine, no Redis, a process pool.
+
+Same steps and the same order of effects as the Celery pipeline: load every host, and as
+soon as a cluster's hosts are loaded, finalize it; once its archive is published, delete
+its archived files, then its staging. A cluster never waits for another one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import steps
+from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest
+from .sink import ArchiveInfo, ParquetOptions
+
+#: progress(event, cluster, detail): events are "plan", "loaded", "finalized", "deleted", "done".
+ProgressFn = Callable[[str, str, dict[str, Any]], None]
+
+
+@dataclass
+class RunOptions:
+    """What one run does; every location is a plain path or fsspec URL."""
+
+    checkpoints: str
+    cutoff: int
+    archive: str | None = None
+    mode: str = "archive"
+    workers: int = 1
+    staging: str | None = None  # None: a temporary directory, removed afterwards
+    parquet: ParquetOptions = field(default_factory=ParquetOptions)
+    chunk_compression: str | None = "lz4"
+    clusters: list[str] | None = None  # restrict to these clusters
+
+
+def new_run_id(cutoff: int) -> str:
+    """A unique, sortable id for one run."""
+    return f"{cutoff}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+class _InlineExecutor(Executor):
+    """Runs each call at submit time: `--workers 1` without a second process."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+def _executor(workers: int) -> Executor:
+    if workers <= 1:
+        return _InlineExecutor()
+    # spawn: the parent may hold threads (progress display); fork would copy their locks.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class _ClusterState:
+    report: ClusterReport
+    hosts_left: int
+    manifests: list[HostManifest] = field(default_factory=list)
+    deletes_left: int = 0
+
+
+def run(options: RunOptions, progress: ProgressFn | None = None) -> list[ClusterReport]:
+    """Archive (or delete) everything the cutoff selects; one report per cluster."""
+    notify = progress or (lambda _event, _cluster, _detail: None)
+    run_id = new_run_id(options.cutoff)
+    plans = [
+        p
+        for p in steps.discover(options.checkpoints)
+        if not options.clusters or p.cluster in options.clusters
+    ]
+    own_staging = options.staging is None and options.mode == "archive"
+    staging_url = tempfile.mkdtemp(prefix="ccarchive-staging-") if own_staging else options.staging
+    states: dict[str, _ClusterState] = {}
+    for plan in plans:
+        report = ClusterReport(plan.cluster, options.cutoff, run_id, hosts=len(plan.hosts))
+        report.bad.extend(plan.bad)
+        states[plan.cluster] = _ClusterState(report, hosts_left=len(plan.hosts))
+        notify("plan", plan.cluster, {"hosts": len(plan.hosts)})
+    started = time.perf_counter()
+    try:
+        with _executor(options.workers) as pool:
+            pending: dict[Future[Any], tuple[str, str, str]] = {}
+
+            def submit(
+                kind: str, cluster: str, host: str, fn: Callable[..., Any], *args: Any
+            ) -> None:
+                pending[pool.submit(fn, *args)] = (kind, cluster, host)
+
+            for plan in plans:
+                for host in plan.hosts:
+                    if options.mode == "delete":
+                        submit(
+                            "delete",
+                            plan.cluster,
+                            host,
+                            steps.delete_expired,
+                            options.checkpoints,
+                            plan.cluster,
+                            host,
+                            options.cutoff,
+                        )
+                    else:
+                        submit(
+                            "load",
+                            plan.cluster,
+                            host,
+                            steps.load_host,
+                            options.checkpoints,
+                            plan.cluster,
+                            host,
+                            options.cutoff,
+                            staging_url,
+                            run_id,
+                            options.chunk_compression,
+                        )
+                if not plan.hosts:
+                    _finish(states[plan.cluster], started, notify)
+
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    kind, cluster, host = pending.pop(future)
+                    state = states[cluster]
+                    if kind == "load":
+                        _on_loaded(state, host, future, notify)
+                        if state.hosts_left == 0:
+                            submit(
+                                "finalize",
+                                cluster,
+                                "",
+                                steps.finalize_cluster,
+                                cluster,
+                                options.cutoff,
+                                run_id,
+                                state.manifests,
+                                options.archive,
+                                options.parquet,
+                            )
+                    elif kind == "finalize":
+                        for m in _on_finalized(state, future, notify):
+                            state.deletes_left += 1
+                            submit(
+                                "delete",
+                                cluster,
+                                m.host,
+                                steps.delete_files,
+                                options.checkpoints,
+                                cluster,
+                                m.host,
+                                m.files,
+                            )
+                        if state.deletes_left == 0:
+                            _finish(state, started, notify, staging_url)
+                    else:
+                        _on_deleted(state, host, future, notify)
+                        if options.mode == "delete":
+                            state.hosts_left -= 1
+                            if state.hosts_left == 0:
+                                _finish(state, started, notify)
+                        else:
+                            state.deletes_left -= 1
+                            if state.deletes_left == 0:
+                                _finish(state, started, notify, staging_url)
+    finally:
+        if own_staging and staging_url:
+            shutil.rmtree(staging_url, ignore_errors=True)
+    return [states[p.cluster].report for p in plans]
+
+
+def _on_loaded(state: _ClusterState, host: str, future: Future[Any], notify: ProgressFn) -> None:
+    state.hosts_left -= 1
+    report = state.report
+    try:
+        manifest: HostManifest = future.result()
+    except Exception as exc:
+        # A host that cannot be loaded keeps all its files; the rest of the cluster goes on.
+        report.bad.append(BadFile(f"{report.cluster}/{host}", _error(exc)))
+        notify("loaded", report.cluster, {"host": host, "rows": 0, "failed": True})
+        return
+    state.manifests.append(manifest)
+    report.bad.extend(manifest.bad)
+    notify("loaded", report.cluster, {"host": host, "rows": manifest.rows})
+
+
+def _on_finalized(
+    state: _ClusterState, future: Future[Any], notify: ProgressFn
+) -> list[HostManifest]:
+    """Record the archive; return the manifests whose files may now be deleted."""
+    report = state.report
+    try:
+        info: ArchiveInfo | None = future.result()
+    except Exception as exc:
+        report.errors.append(f"archive not written, all files kept: {_error(exc)}")
+        notify("finalized", report.cluster, {"failed": True})
+        return []
+    with_files = [m for m in state.manifests if m.files]
+    report.files_archived = sum(len(m.files) for m in with_files)
+    report.rows = sum(m.rows for m in with_files)
+    if info is not None:
+        report.archive = info.url
+        report.bytes_written = 0 if info.already_existed else info.bytes
+    notify("finalized", report.cluster, {"archive": report.archive, "rows": report.rows})
+    return with_files
+
+
+def _on_deleted(state: _ClusterState, host: str, future: Future[Any], notify: ProgressFn) -> None:
+    report = state.report
+    try:
+        result: DeleteResult = future.result()
+    except Exception as exc:
+        report.errors.append(f"{host}: deletion failed: {_error(exc)}")
+        return
+    report.files_deleted += len(result.deleted)
+    report.bad.extend(result.kept)
+    notify("deleted", report.cluster, {"host": host, "files": len(result.deleted)})
+
+
+def _finish(
+    state: _ClusterState, started: float, notify: ProgressFn, staging_url: str | None = None
+) -> None:
+    report = state.report
+    if staging_url:
+        try:
+            steps.cleanup_staging(staging_url, report.run_id, report.cluster)
+        except OSError as exc:
+            report.errors.append(f"staging not removed: {_error(exc)}")
+    report.seconds = time.perf_counter() - started
+    notify("done", report.cluster, {"ok": report.ok})
