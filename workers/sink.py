@@ -12,7 +12,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__, storage
+from .faults import crash_point
 from .manifest import HostManifest
 from .rows import ARCHIVE_SCHEMA, SORT_KEY
 
@@ -176,6 +177,7 @@ def write_parquet(
             for table in _row_groups(cluster, host, batches, options.row_group_rows):
                 writer.write_table(table, row_group_size=options.row_group_rows)
                 rows += table.num_rows
+                crash_point("finalize:writing")
         writer.add_key_value_metadata(dict(metadata))
     finally:
         writer.close()
@@ -215,8 +217,13 @@ def write_archive(
     expected_rows: Mapping[str, int],
     metadata: Mapping[str, str],
     options: ParquetOptions,
+    before_publish: Callable[[], None] | None = None,
 ) -> ArchiveInfo:
-    """Write, verify and publish one archive; idempotent for an identical commit record."""
+    """Write, verify and publish one archive; idempotent for an identical commit record.
+
+    `before_publish` runs right before the file becomes visible and may raise to abort
+    (the distributed runner checks there that it still owns the cluster's lock).
+    """
     fs, path = storage.filesystem(url)
     existing = _existing(url, metadata)
     if existing is not None:
@@ -237,6 +244,8 @@ def write_archive(
                 rows = write_parquet(f, cluster, hosts, metadata, options)
         row_groups = verify(tmp_url, expected_rows, metadata)
         size = int(fs.size(tmp_path))
+        if before_publish is not None:
+            before_publish()
         if not _publish(fs, tmp_path, path):
             again = _existing(url, metadata)
             if again is None:

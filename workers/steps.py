@@ -10,11 +10,13 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import sink, staging, storage
 from .checkpoint import BadCheckpoint, Series, checkpoint_timestamp, parse_binary, parse_json
+from .faults import crash_point
 from .manifest import BadFile, DeleteResult, HostManifest, SourceFile
 from .rows import count_values, host_table
 
@@ -98,8 +100,8 @@ class Selection:
     bad: list[BadFile]
 
 
-def select_files(directory: Path, cutoff: int) -> Selection:
-    """Checkpoint files with 0 < ts <= cutoff; bad names reported; everything else ignored."""
+def select_files(directory: Path, cutoff: int, exclude: Collection[str] = ()) -> Selection:
+    """Checkpoint files with 0 < ts <= cutoff, less `exclude`; bad names reported; rest ignored."""
     files: list[tuple[str, int]] = []
     bad: list[BadFile] = []
     with os.scandir(directory) as entries:
@@ -109,7 +111,7 @@ def select_files(directory: Path, cutoff: int) -> Selection:
             ts = checkpoint_timestamp(entry.name)
             if isinstance(ts, BadCheckpoint):
                 bad.append(BadFile(entry.path, ts.reason))
-            elif ts is not None and ts != 0 and ts <= cutoff:
+            elif ts is not None and ts != 0 and ts <= cutoff and entry.name not in exclude:
                 files.append((entry.name, ts))
     files.sort(key=lambda f: (f[1], f[0]))
     return Selection(files, bad)
@@ -142,13 +144,17 @@ def load_host(
     staging_url: str,
     run_id: str,
     chunk_compression: str | None = "lz4",
+    exclude: Collection[str] = (),
 ) -> HostManifest:
-    """Read a host's selected files, sort its rows and stage them as one Arrow IPC chunk."""
+    """Read a host's selected files, sort its rows and stage them as one Arrow IPC chunk.
+
+    `exclude` names files a committed archive already holds (see `recovery`): never again.
+    """
     started = time.perf_counter()
     manifest = HostManifest(cluster=cluster, host=host, cutoff=cutoff, run_id=run_id)
     directory = host_dir(checkpoints, cluster, host)
     try:
-        selection = select_files(directory, cutoff)
+        selection = select_files(directory, cutoff, exclude)
     except OSError as exc:
         manifest.bad.append(BadFile(str(directory), f"cannot list: {exc.strerror or exc}"))
         return manifest
@@ -166,11 +172,13 @@ def load_host(
         series.extend(file_series)
     table = host_table(series)
     del series
+    crash_point("load:read")
     manifest.rows = table.num_rows
     if table.num_rows:
         url = staging.chunk_url(staging_url, run_id, cluster, host)
         staging.write_chunk(table, url, chunk_compression)
         manifest.chunk = url
+    crash_point("load:staged")
     manifest.seconds = time.perf_counter() - started
     return manifest
 
@@ -182,6 +190,7 @@ def finalize_cluster(
     manifests: list[HostManifest],
     archive: str,
     options: sink.ParquetOptions | None = None,
+    before_publish: Callable[[], None] | None = None,
 ) -> sink.ArchiveInfo | None:
     """Stream the cluster's chunks in host order into its verified archive; None if no rows."""
     check_name(cluster, "cluster")
@@ -190,14 +199,17 @@ def finalize_cluster(
         return None
     url = sink.archive_url(archive, cluster, cutoff)
     hosts = ((m.host, staging.read_chunk(m.chunk)) for m in ordered if m.rows and m.chunk)
-    return sink.write_archive(
+    info = sink.write_archive(
         url,
         cluster,
         hosts,
         expected_rows={m.host: m.rows for m in ordered},
         metadata=sink.footer_metadata(cluster, cutoff, run_id, ordered),
         options=options or sink.ParquetOptions(),
+        before_publish=before_publish,
     )
+    crash_point("finalize:committed")
+    return info
 
 
 def delete_files(
@@ -231,6 +243,7 @@ def delete_files(
             result.kept.append(BadFile(str(path), f"cannot delete: {exc.strerror or exc}"))
         else:
             result.deleted.append(f.name)
+            crash_point("delete:partial")
     return result
 
 
