@@ -162,6 +162,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
             row_group_rows=settings.row_group_rows, zstd_level=settings.zstd_level
         ),
         chunk_compression=settings.ipc_compression,
+        grace_seconds=settings.grace_seconds,
         clusters=args.cluster,
     )
     console = Console(stderr=True)

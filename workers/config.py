@@ -64,8 +64,10 @@ class Settings(BaseSettings):
     row_group_rows: int = Field(default=1_048_576, ge=1)
     zstd_level: int = Field(default=3, ge=1, le=22)
     chunk_compression: Literal["lz4", "zstd", "none"] = "lz4"
+    # Temporary archive files and staging runs older than this belong to dead runs.
+    recovery_grace: str = "6h"
 
-    @field_validator("retention", "interval")
+    @field_validator("retention", "interval", "recovery_grace")
     @classmethod
     def _valid_duration(cls, value: str | None) -> str | None:
         if value is not None and parse_duration(value) <= 0:
@@ -76,6 +78,11 @@ class Settings(BaseSettings):
     def retention_seconds(self) -> float | None:
         """The retention as seconds, if configured."""
         return parse_duration(self.retention) if self.retention else None
+
+    @property
+    def grace_seconds(self) -> float:
+        """The recovery grace period in seconds."""
+        return parse_duration(self.recovery_grace)
 
     @property
     def results_url(self) -> str:

@@ -15,9 +15,11 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from . import steps
+from . import recovery, steps
+from .locks import DirectoryLock, LockBusy
 from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest
 from .sink import ArchiveInfo, ParquetOptions
 
@@ -38,6 +40,7 @@ class RunOptions:
     parquet: ParquetOptions = field(default_factory=ParquetOptions)
     chunk_compression: str | None = "lz4"
     clusters: list[str] | None = None  # restrict to these clusters
+    grace_seconds: float = recovery.DEFAULT_GRACE_SECONDS  # age of orphans safe to remove
 
 
 def new_run_id(cutoff: int) -> str:
@@ -74,6 +77,8 @@ class _ClusterState:
     hosts_left: int
     manifests: list[HostManifest] = field(default_factory=list)
     deletes_left: int = 0
+    lock: DirectoryLock | None = None
+    exclude: dict[str, list[str]] = field(default_factory=dict)
 
 
 def run(options: RunOptions, progress: ProgressFn | None = None) -> list[ClusterReport]:
@@ -91,8 +96,11 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
     for plan in plans:
         report = ClusterReport(plan.cluster, options.cutoff, run_id, hosts=len(plan.hosts))
         report.bad.extend(plan.bad)
-        states[plan.cluster] = _ClusterState(report, hosts_left=len(plan.hosts))
+        states[plan.cluster] = _prepare(plan, report, options)
         notify("plan", plan.cluster, {"hosts": len(plan.hosts)})
+    plans = [p for p in plans if states[p.cluster].lock is not None]
+    if options.staging and options.mode == "archive":
+        recovery.sweep_staging(options.staging, run_id, options.grace_seconds)
     started = time.perf_counter()
     try:
         with _executor(options.workers) as pool:
@@ -179,9 +187,42 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
                             if state.deletes_left == 0:
                                 _finish(state, started, notify, staging_url)
     finally:
+        for state in states.values():
+            if state.lock is not None:
+                state.lock.release()
         if own_staging and staging_url:
             shutil.rmtree(staging_url, ignore_errors=True)
-    return [states[p.cluster].report for p in plans]
+    return [state.report for state in states.values()]
+
+
+def _prepare(plan: steps.ClusterPlan, report: ClusterReport, options: RunOptions) -> _ClusterState:
+    """Lock the cluster and run recovery; a cluster that cannot be locked is skipped."""
+    state = _ClusterState(report, hosts_left=len(plan.hosts))
+    lock = DirectoryLock(Path(options.checkpoints) / plan.cluster)
+    try:
+        lock.acquire()
+    except (LockBusy, OSError) as exc:
+        report.errors.append(f"skipped: {exc}")
+        return state
+    if options.mode == "archive":
+        try:
+            found = recovery.recover_cluster(
+                options.checkpoints,
+                options.archive,
+                plan.cluster,
+                plan.hosts,
+                options.grace_seconds,
+            )
+        except Exception as exc:
+            # Without the commit records we could archive a file twice: do nothing instead.
+            lock.release()
+            report.errors.append(f"skipped: cannot read existing archives: {_error(exc)}")
+            return state
+        report.files_deleted += len(found.deleted)
+        report.bad.extend(found.kept)
+        state.exclude = found.exclude
+    state.lock = lock
+    return state
 
 
 def _on_loaded(state: _ClusterState, host: str, future: Future[Any], notify: ProgressFn) -> None:
@@ -242,4 +283,6 @@ def _finish(
         except OSError as exc:
             report.errors.append(f"staging not removed: {_error(exc)}")
     report.seconds = time.perf_counter() - started
+    if state.lock is not None:
+        state.lock.release()
     notify("done", report.cluster, {"ok": report.ok})

@@ -1,0 +1,178 @@
+"""Recovery at the start of every run: finish what a crashed run committed, sweep orphans.
+
+The commit record of a run is the footer of its published archive (`ccarchive.sources`:
+per host, every archived file with its size). So, before loading anything:
+
+- a checkpoint file listed in a committed archive whose size still matches was archived
+  and its deletion did not happen: delete it now (never archive it again);
+- one listed with another size is reported and excluded from loading: its name says it is
+  archived, its content says otherwise, and only a person can tell which is right;
+- temporary archive files and staging chunks older than a grace period belong to runs that
+  died: remove them.
+
+See docs/commit-protocol.md for the states of a run and why this is enough.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import sink, storage
+from .checkpoint import checkpoint_timestamp
+from .manifest import BadFile
+from .steps import host_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE_SECONDS = 6 * 3600.0
+
+
+@dataclass
+class Recovery:
+    """What recovery did for one cluster, and which files loading must skip."""
+
+    cluster: str
+    archives_read: int = 0
+    deleted: list[str] = field(default_factory=list)  # paths of finished deletions
+    kept: list[BadFile] = field(default_factory=list)
+    exclude: dict[str, list[str]] = field(default_factory=dict)  # host -> file names
+    orphans_removed: list[str] = field(default_factory=list)
+
+
+def _present_files(checkpoints: str, cluster: str, hosts: list[str]) -> dict[str, dict[str, int]]:
+    """Per host, checkpoint file name -> timestamp, for every timestamped file present."""
+    present: dict[str, dict[str, int]] = {}
+    for host in hosts:
+        try:
+            names = os.listdir(host_dir(checkpoints, cluster, host))
+        except OSError:
+            continue  # reported by the load step
+        files = {}
+        for name in names:
+            ts = checkpoint_timestamp(name)
+            if isinstance(ts, int) and ts != 0:
+                files[name] = ts
+        present[host] = files
+    return present
+
+
+def _entry_age(info: dict[str, Any], now: float) -> float:
+    """Seconds since an fsspec listing entry was modified (0 if unknown: keep it)."""
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if isinstance(mtime, datetime):
+        mtime = mtime.timestamp()
+    return now - float(mtime) if mtime else 0.0
+
+
+def committed_archives(archive: str, cluster: str, min_cutoff: int) -> list[str]:
+    """URLs of the cluster's published archives with cutoff >= min_cutoff, oldest first."""
+    fs, path = storage.filesystem(storage.join(archive, cluster))
+    if not fs.exists(path):
+        return []
+    found: list[tuple[int, str]] = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        stem, _, ext = name.rpartition(".")
+        if ext == "parquet" and stem.isascii() and stem.isdigit() and int(stem) >= min_cutoff:
+            found.append((int(stem), storage.join(archive, cluster, name)))
+    return [url for _, url in sorted(found)]
+
+
+def recover_cluster(
+    checkpoints: str,
+    archive: str | None,
+    cluster: str,
+    hosts: list[str],
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+) -> Recovery:
+    """Finish deletions of committed archives and sweep stale temporary files of one cluster."""
+    result = Recovery(cluster)
+    if archive is None:
+        return result
+    present = _present_files(checkpoints, cluster, hosts)
+    oldest = min((ts for files in present.values() for ts in files.values()), default=None)
+    if oldest is not None:
+        # A file with timestamp ts can only be listed in archives with cutoff >= ts.
+        for url in committed_archives(archive, cluster, oldest):
+            result.archives_read += 1
+            sources = sink.footer_sources(sink.read_footer(url))
+            for host, entry in sources.items():
+                for f in entry.get("files", []):
+                    if f["name"] in present.get(host, {}):
+                        _finish_deletion(
+                            checkpoints, cluster, host, f["name"], int(f["size"]), url, result
+                        )
+    _sweep_partials(archive, cluster, grace_seconds, result)
+    return result
+
+
+def _finish_deletion(
+    checkpoints: str, cluster: str, host: str, name: str, size: int, url: str, result: Recovery
+) -> None:
+    path = Path(host_dir(checkpoints, cluster, host)) / name
+    try:
+        actual = os.stat(path, follow_symlinks=False).st_size
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        actual = -1
+        reason = f"listed in committed archive {url} but cannot stat: {exc.strerror or exc}"
+    else:
+        reason = f"listed in committed archive {url} with {size} bytes but now has {actual} bytes; kept, not archived again"
+    if actual == size:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            reason = f"already archived in {url} but cannot delete: {exc.strerror or exc}"
+        else:
+            log.info("recovery: deleted %s (archived in %s)", path, url)
+            result.deleted.append(str(path))
+            return
+    result.kept.append(BadFile(str(path), reason))
+    result.exclude.setdefault(host, []).append(name)
+
+
+def _sweep_partials(archive: str, cluster: str, grace_seconds: float, result: Recovery) -> None:
+    """Remove temporary archive files (`.<T>.parquet.<id>.partial`) left by dead runs."""
+    fs, path = storage.filesystem(storage.join(archive, cluster))
+    if not fs.exists(path):
+        return
+    now = time.time()
+    for info in fs.ls(path, detail=True):
+        name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+        if (
+            name.startswith(".")
+            and name.endswith(".partial")
+            and _entry_age(info, now) > grace_seconds
+        ):
+            fs.rm(info["name"])
+            result.orphans_removed.append(str(info["name"]))
+
+
+def sweep_staging(
+    staging: str, keep_run_id: str | None, grace_seconds: float = DEFAULT_GRACE_SECONDS
+) -> list[str]:
+    """Remove staging runs (`<staging>/<run_id>/`) untouched for longer than the grace period."""
+    fs, path = storage.filesystem(staging)
+    if not fs.exists(path):
+        return []
+    now = time.time()
+    removed: list[str] = []
+    for run in fs.ls(path, detail=False):
+        if run.rstrip("/").rsplit("/", 1)[-1] == keep_run_id:
+            continue
+        entries = list(fs.find(run, detail=True, withdirs=True).values())
+        if storage.is_local(fs):
+            entries.append(fs.info(run))  # an empty, just-made run directory is young too
+        if entries and min(_entry_age(info, now) for info in entries) > grace_seconds:
+            fs.rm(run, recursive=True)
+            removed.append(run)
+    return removed
