@@ -137,6 +137,7 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
                             staging_url,
                             run_id,
                             options.chunk_compression,
+                            states[plan.cluster].exclude.get(host, []),
                         )
                 if not plan.hosts:
                     _finish(states[plan.cluster], started, notify)
