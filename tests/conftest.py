@@ -2,4 +2,25 @@
 
 from __future__ import annotations
 
+import pytest
+
 pytest_plugins: list[str] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--stress",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N randomized fault trials per crash point",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "stress_trial" in metafunc.fixturenames:
+        from workers.faults import POINTS
+
+        trials = metafunc.config.getoption("stress") or 1
+        params = [(point, 7919 * t + i) for i, point in enumerate(POINTS) for t in range(trials)]
+        metafunc.parametrize("stress_trial", params, ids=[f"{p}-{s}" for p, s in params])

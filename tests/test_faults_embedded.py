@@ -238,3 +238,12 @@ def test_two_runs_at_once_archive_each_file_once(tmp_path: Path) -> None:
     assert ccarchive(cp, archive, CUTOFF + 10, 1).returncode == 0
     assert_exactly_once(cp, archive, expected, before)
     assert not any(cp.rglob("*.json"))
+
+
+def test_randomized_trial(tmp_path: Path, stress_trial: tuple[str, int]) -> None:
+    """One seeded random trial per crash point in CI; `pytest --stress N` runs N of them."""
+    from tests.stress_faults import run_trial
+
+    point, seed = stress_trial
+    result = run_trial(point, seed, tmp_path)
+    assert (result.rows_lost, result.rows_duplicated, result.files_wrongly_deleted) == (0, 0, 0)
