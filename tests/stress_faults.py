@@ -9,7 +9,6 @@ prints, per crash point, trials x rows lost x rows duplicated x files wrongly de
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import tempfile
@@ -106,7 +105,7 @@ def run_trial(point: str, seed: int, work: Path) -> TrialResult:
 
 
 def main() -> None:
-    """Run the trials and print the table (markdown) and a JSON line per fault."""
+    """Run the trials and print the table (markdown)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -132,18 +131,6 @@ def main() -> None:
             sum(r.files_wrongly_deleted for r in results),
         ]
         print("| " + " | ".join(str(v) for v in row) + " |", flush=True)
-        print(
-            json.dumps(
-                dict(
-                    zip(
-                        ["fault", "trials", "crashed", "lost", "duplicated", "wrongly_deleted"],
-                        row,
-                        strict=True,
-                    )
-                )
-            ),
-            file=open(Path(tempfile.gettempdir()) / "ccarchive-stress.jsonl", "a"),
-        )
 
 
 if __name__ == "__main__":
