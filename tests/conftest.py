@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.fixtures_redis", "tests.fixtures_s3"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -24,3 +24,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         trials = metafunc.config.getoption("stress") or 1
         params = [(point, 7919 * t + i) for i, point in enumerate(POINTS) for t in range(trials)]
         metafunc.parametrize("stress_trial", params, ids=[f"{p}-{s}" for p, s in params])
+
+
+@pytest.fixture(autouse=True)
+def _private_state_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run records and other local state go to a temporary $XDG_STATE_HOME, not ~/.local."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

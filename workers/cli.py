@@ -7,17 +7,18 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
-from .config import Settings, parse_duration
+from .config import ConfigError, Settings, load_settings, parse_duration
+from .logs import setup_logging
 from .manifest import ClusterReport
 
 EXIT_OK, EXIT_REPORTED, EXIT_USAGE = 0, 1, 2
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     archive.add_argument(
         "--cluster", action="append", metavar="NAME", help="only this cluster (repeatable)"
     )
+    _add_config_options(archive)
 
     gen = sub.add_parser(
         "generate", help="write a synthetic checkpoint tree (demo, tests, benchmarks)"
@@ -84,16 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--gpus", type=int, default=0, help="accelerators per host")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N")
+    _add_ops_parsers(sub)
     return parser
 
 
 def _settings(overrides: dict[str, Any]) -> Settings:
+    """Settings with these flags on top (None: not given); then logging as they say."""
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "settings"
-        raise UsageError(f"invalid {key}: {err['msg']}") from None
+        settings = load_settings(overrides)  # flags > env > TOML > cc-backend > defaults
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    setup_logging(settings.log_level)
+    return settings
 
 
 def _check_archive_writable(archive: str) -> None:
@@ -136,8 +140,17 @@ def cmd_archive(args: argparse.Namespace) -> int:
             "workers": args.workers,
             "staging": args.staging,
             "broker_url": args.broker,
+            "config": args.config,
+            "cc_backend_config": args.cc_backend_config,
         }
     )
+    from .config import configure_storage
+
+    configure_storage(settings)  # S3 endpoint, region, credentials for s3:// locations
+    if args.broker is not None or os.environ.get("CCARCHIVE_BROKER_URL"):
+        from . import remote  # --broker (or CCARCHIVE_BROKER_URL): run on the Celery workers
+
+        return remote.cmd_archive(args, settings)
     if not settings.checkpoints:
         raise UsageError("give --checkpoints DIR (or set CCARCHIVE_CHECKPOINTS)")
     if not Path(settings.checkpoints).is_dir():
@@ -147,6 +160,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
             raise UsageError("give --archive DIR|URL (or set CCARCHIVE_ARCHIVE)")
         _check_archive_writable(settings.archive)
     cutoff = _cutoff(args, settings)
+    _serve_metrics(settings)  # Prometheus endpoint and textfile, when configured
 
     from . import runner  # deferred: `ccarchive --help` stays instant
     from .sink import ParquetOptions
@@ -163,6 +177,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
         ),
         chunk_compression=settings.ipc_compression,
         grace_seconds=settings.grace_seconds,
+        run_log=settings.run_log,
         clusters=args.cluster,
     )
     console = Console(stderr=True)
@@ -281,7 +296,376 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"archive": cmd_archive, "generate": cmd_generate}
+# --- operators: status, inspect, query (workers.ops) ---------------------------------------
+
+
+def _serve_metrics(settings: Settings) -> None:
+    from . import metrics
+
+    try:
+        metrics.configure(settings)
+    except OSError as exc:  # the port is taken, or the address is not ours
+        where = f"{settings.metrics_addr}:{settings.metrics_port}"
+        raise UsageError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (also CCARCHIVE_CONFIG)")
+    parser.add_argument(
+        "--cc-backend-config",
+        metavar="FILE",
+        help="take directories, mode, retention and workers from a cc-backend config.json",
+    )
+
+
+def _add_ops_parsers(sub: Any) -> None:
+    status = sub.add_parser(
+        "status", help="per cluster: archives, last run and its outcome, pending recoveries"
+    )
+    status.add_argument("--archive", metavar="DIR|URL", help="the archive root")
+    status.add_argument(
+        "--checkpoints", metavar="DIR", help="checkpoint root, to find pending recoveries"
+    )
+    status.add_argument("--run-log", metavar="DIR|URL", help="where runs record their outcome")
+    status.add_argument("--cluster", action="append", metavar="NAME", help="only this cluster")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_config_options(status)
+
+    inspect = sub.add_parser(
+        "inspect", help="schema, row groups, hosts, time range, metrics and sources of a file"
+    )
+    inspect.add_argument("file", metavar="FILE|URL", help="a Parquet archive file")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_config_options(inspect)
+
+    query = sub.add_parser("query", help="read archived values back (filters push down)")
+    query.add_argument("--archive", metavar="DIR|URL", help="the archive root")
+    query.add_argument("--cluster", action="append", metavar="NAME", help="repeatable")
+    query.add_argument("--host", action="append", metavar="NAME", help="repeatable")
+    query.add_argument("--metric", action="append", metavar="NAME", help="repeatable")
+    query.add_argument(
+        "--from", dest="start", metavar="TIME", help="timestamp >= TIME (Unix or ISO 8601, UTC)"
+    )
+    query.add_argument("--to", dest="end", metavar="TIME", help="timestamp < TIME")
+    query.add_argument("--format", choices=("table", "csv", "parquet"), default="table")
+    query.add_argument("--output", "-o", metavar="FILE|URL", help="default: standard output")
+    query.add_argument("--limit", type=int, metavar="N", help="at most N rows (table default: 100)")
+    _add_config_options(query)
+
+
+@contextmanager
+def _progress_bar(description: str) -> Iterator[Any]:
+    """A transient progress bar on stderr when it is a terminal; a no-op callback otherwise."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda _done, _total: None
+        return
+    with Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _out() -> Console:
+    out = Console(highlight=False)
+    return out if out.is_terminal else Console(highlight=False, width=200, soft_wrap=True)
+
+
+def _when(ts: int | None) -> str:
+    from .ops import iso
+
+    return f"{ts} ({iso(ts)})" if ts is not None else "-"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Per cluster: archives, last run, pending recoveries. Exit 1 if anything needs a look."""
+    from . import ops
+    from .config import configure_storage
+
+    settings = _settings(
+        {
+            "archive": args.archive,
+            "checkpoints": args.checkpoints,
+            "run_log": args.run_log,
+            "config": args.config,
+            "cc_backend_config": args.cc_backend_config,
+        }
+    )
+    if not settings.archive and not settings.run_log:
+        raise UsageError("give --archive DIR|URL or --run-log DIR|URL (or set CCARCHIVE_ARCHIVE)")
+    archive = settings.archive
+    if archive and "://" not in archive and not Path(archive).is_dir():
+        raise UsageError(f"archive directory {archive} does not exist")
+    if settings.checkpoints and not Path(settings.checkpoints).is_dir():
+        raise UsageError(f"checkpoint directory {settings.checkpoints} does not exist")
+    configure_storage(settings)
+    with _progress_bar("reading archive footers") as progress:
+        result = ops.status(archive, settings.checkpoints, settings.run_log, args.cluster, progress)
+    attention = any(
+        c.problems
+        or c.partial_files
+        or c.pending
+        or (c.last_run is not None and c.last_run.outcome != "ok")
+        for c in result.clusters
+    )
+    if args.json:
+        print(ops.to_json(result))
+        return EXIT_REPORTED if attention else EXIT_OK
+    out = _out()
+    if not settings.checkpoints and archive:
+        out.print("pending recoveries: unknown (checkpoints not configured: give --checkpoints)")
+    if not settings.run_log:
+        out.print("last runs: unknown (run records are off: set CCARCHIVE_RUN_LOG)")
+    if not result.clusters:
+        out.print(f"no clusters under {archive or settings.run_log}")
+    for c in result.clusters:
+        out.print()
+        out.print(
+            f"[bold]{c.cluster}[/bold]: {len(c.archives)} archive(s), {c.rows:,} rows, "
+            f"{c.bytes:,} bytes"
+        )
+        if c.archives:
+            table = Table(box=None, pad_edge=False)
+            for name in ("cutoff", "cutoff (UTC)", "hosts", "rows", "bytes", "source files"):
+                table.add_column(name, justify="left" if "UTC" in name else "right")
+            table.add_column("run id")
+            for a in c.archives:
+                table.add_row(
+                    str(a.cutoff),
+                    ops.iso(a.cutoff) or "",
+                    "-" if a.hosts is None else str(a.hosts),
+                    f"{a.rows:,}",
+                    f"{a.bytes:,}",
+                    "-" if a.source_files is None else str(a.source_files),
+                    a.run_id or "- (no ccarchive commit record)",
+                )
+            out.print(table)
+        run = c.last_run
+        if run is not None:
+            out.print(
+                f"  last run: {run.finished} {run.outcome} ({run.mode}, cutoff {run.cutoff}, "
+                f"{run.files_archived} archived, {run.files_deleted} deleted, "
+                f"{run.bad_count} kept, {run.seconds:.1f}s, run {run.run_id}); {c.runs} recorded",
+                markup=False,
+            )
+            for e in run.errors:
+                out.print(f"    error: {e}", markup=False)
+        elif settings.run_log:
+            out.print("  last run: none recorded")
+        if c.pending is not None:
+            deletes = [p for p in c.pending if p.action == "delete"]
+            keeps = [p for p in c.pending if p.action == "keep"]
+            out.print(
+                f"  pending recoveries: {len(deletes)} archived file(s) to delete, "
+                f"{len(keeps)} changed since archived (kept)"
+            )
+            for p in c.pending:
+                out.print(
+                    f"    {p.action}: {c.cluster}/{p.host}/{p.name} ({p.size} bytes, "
+                    f"archived with {p.archived_size}) in {p.archive}",
+                    markup=False,
+                )
+        for path in c.partial_files:
+            out.print(f"  temporary file of an unfinished run: {path}", markup=False)
+        for problem in c.problems:
+            out.print(f"  problem: {problem}", markup=False)
+    return EXIT_REPORTED if attention else EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Describe one archive file."""
+    from . import ops, storage
+    from .config import configure_storage
+
+    settings = _settings({"config": args.config, "cc_backend_config": args.cc_backend_config})
+    configure_storage(settings)
+    fs, path = storage.filesystem(args.file)
+    if not fs.exists(path):
+        raise UsageError(f"{args.file} does not exist")
+    try:
+        with _progress_bar("scanning row groups") as progress:
+            info = ops.inspect_file(args.file, progress)
+    except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid is a ValueError
+        raise UsageError(f"{args.file} is not a readable Parquet file: {exc}") from None
+    if args.json:
+        print(ops.to_json(info))
+        return EXIT_OK
+    out = _out()
+    out.print(f"[bold]{info.url}[/bold]", markup=True, highlight=False)
+    out.print(
+        f"{info.bytes:,} bytes, {info.rows:,} rows, {len(info.row_groups)} row groups, "
+        f"written by {info.created_by}",
+        markup=False,
+    )
+    out.print(f"time range: {_when(info.time_min)} .. {_when(info.time_max)}", markup=False)
+    out.print(f"sorted by: {', '.join(info.sorting_columns) or '-'}", markup=False)
+    for key, value in info.metadata.items():
+        out.print(f"{key}: {value}", markup=False)
+    schema = Table(title="schema", box=None, pad_edge=False, title_justify="left")
+    for name in ("column", "arrow", "physical", "logical", "required", "compression", "encodings"):
+        schema.add_column(name)
+    for col in info.columns:
+        schema.add_row(
+            col.name,
+            col.arrow_type,
+            col.physical_type,
+            col.logical_type,
+            "yes" if col.required else "no",
+            col.compression,
+            ",".join(col.encodings),
+        )
+    out.print(schema)
+    groups = Table(title="row groups", box=None, pad_edge=False, title_justify="left")
+    for name in ("#", "rows", "bytes", "host", "metrics", "time min", "time max"):
+        groups.add_column(name, justify="right" if name in ("#", "rows", "bytes") else "left")
+    for g in info.row_groups:
+        groups.add_row(
+            str(g.index),
+            f"{g.rows:,}",
+            f"{g.bytes:,}",
+            "..".join(g.hosts),
+            "..".join(g.metrics),
+            str(g.time_min),
+            str(g.time_max),
+        )
+    out.print(groups)
+    out.print(f"hosts ({len(info.hosts)}): {', '.join(info.hosts)}", markup=False)
+    out.print(f"metrics ({len(info.metrics)}): {', '.join(info.metrics)}", markup=False)
+    sources = Table(title="sources (footer)", box=None, pad_edge=False, title_justify="left")
+    for name in ("host", "rows", "files"):
+        sources.add_column(name, justify="right" if name == "rows" else "left")
+    for host, entry in info.sources.items():
+        files = ", ".join(f"{f['name']} ({f['size']} B)" for f in entry.get("files", []))
+        sources.add_row(host, f"{entry.get('rows', 0):,}", files)
+    out.print(sources)
+    return EXIT_OK
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Read archived rows back, filtered by cluster, host, metric and time."""
+    from . import ops, storage
+    from .config import configure_storage
+
+    settings = _settings(
+        {
+            "archive": args.archive,
+            "config": args.config,
+            "cc_backend_config": args.cc_backend_config,
+        }
+    )
+    if not settings.archive:
+        raise UsageError("give --archive DIR|URL (or set CCARCHIVE_ARCHIVE)")
+    if "://" not in settings.archive and not Path(settings.archive).is_dir():
+        raise UsageError(f"archive directory {settings.archive} does not exist")
+    if args.limit is not None and args.limit < 0:
+        raise UsageError("--limit must not be negative")
+    try:
+        start = ops.parse_time(args.start) if args.start is not None else None
+        end = ops.parse_time(args.end) if args.end is not None else None
+        from .steps import check_name
+
+        for name in args.cluster or ():
+            check_name(name, "cluster")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    to_terminal = args.output is None and sys.stdout.isatty()
+    if args.format == "parquet" and to_terminal:
+        raise UsageError("parquet output goes to --output FILE or a pipe, not a terminal")
+    configure_storage(settings)
+    with _progress_bar("planning (reading footers)") as progress:
+        plan = ops.plan_query(
+            settings.archive, args.cluster, args.host, args.metric, start, end, progress
+        )
+    limit = args.limit if args.limit is not None or args.format != "table" else 100
+    if args.format == "table":
+        return _query_table(plan, limit)
+    from .rows import ARCHIVE_SCHEMA
+
+    schema = plan.dataset.schema if plan.dataset is not None else ARCHIVE_SCHEMA
+    rows = 0
+    if args.output is None:
+        sink: Any = sys.stdout.buffer
+        rows = _write_rows(plan, schema, sink, args.format, limit)
+        sink.flush()
+    else:
+        fs, path = storage.filesystem(args.output)
+        with fs.open(path, "wb") as f:
+            rows = _write_rows(plan, schema, f, args.format, limit)
+    if Console(stderr=True).is_terminal:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"{rows:,} rows from {len(plan.files)} file(s); read {plan.row_groups_selected} "
+            f"of {plan.row_groups_total} row groups",
+            markup=False,
+        )
+    return EXIT_OK
+
+
+def _write_rows(plan: Any, schema: Any, sink: Any, fmt: str, limit: int | None) -> int:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from . import ops
+
+    rows = 0
+    # The footer metadata of the archives read does not describe the result: drop it.
+    schema = schema.remove_metadata()
+    writer: Any = (
+        pacsv.CSVWriter(sink, schema)
+        if fmt == "csv"
+        else pq.ParquetWriter(sink, schema, compression="zstd")
+    )
+    try:
+        for batch in ops.query_batches(plan, limit):
+            writer.write_batch(batch.replace_schema_metadata(None))
+            rows += batch.num_rows
+    finally:
+        writer.close()
+    return rows
+
+
+def _query_table(plan: Any, limit: int | None) -> int:
+    from . import ops
+
+    out = _out()
+    table = Table(box=None, pad_edge=False)
+    names = ("cluster", "hostname", "metric", "scope", "scope_id", "timestamp", "frequency")
+    for name in (*names, "time (UTC)", "value"):
+        right = name in ("timestamp", "frequency", "value")
+        table.add_column(name, justify="right" if right else "left")
+    shown = 0
+    more = False
+    for batch in ops.query_batches(plan, None if limit is None else limit + 1):
+        columns = [batch.column(n).to_pylist() for n in (*names, "value")]
+        for row in zip(*columns, strict=True):
+            if limit is not None and shown == limit:
+                more = True
+                break
+            *keys, value = row
+            table.add_row(*(str(k) for k in keys), ops.iso(keys[5]) or "", f"{value:.7g}")
+            shown += 1
+    out.print(table)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    note = f"{shown:,} rows; read {plan.row_groups_selected} of {plan.row_groups_total} row groups"
+    if more:
+        note += "; more rows not shown (use --limit N, or --format csv)"
+    if more or err.is_terminal:  # a pipe gets the rows only, unless some were left out
+        err.print(note, markup=False)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "archive": cmd_archive,
+    "generate": cmd_generate,
+    "status": cmd_status,
+    "inspect": cmd_inspect,
+    "query": cmd_query,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ Everything is vectorised with numpy; generating and formatting one host file (~0
 takes a few tens of milliseconds.
 """
 
+import multiprocessing
 import os
 import re
 import struct
@@ -820,7 +821,10 @@ def generate_tree(
     for c in clusters:
         (root / c).mkdir(parents=True, exist_ok=True)
     if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        # spawn, not fork: a forked child inherits the parent's sockets and locks (a Celery
+        # or Redis client in the same process can hang it).
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=spawn) as pool:
             results = list(pool.map(_generate_host, tasks))
     else:
         results = [_generate_host(t) for t in tasks]

@@ -73,11 +73,15 @@ class RedisLock:
 
     def acquire(self) -> bool:
         """Take the lock for this run if it is free; True on success."""
-        return bool(self.client.set(self.key, self.run_id, nx=True, px=int(self.ttl_seconds * 1000)))
+        return bool(
+            self.client.set(self.key, self.run_id, nx=True, px=int(self.ttl_seconds * 1000))
+        )
 
     def renew(self) -> bool:
         """Extend the expiry if this run still owns the lock; False if it was lost."""
-        return bool(self.client.eval(_RENEW, 1, self.key, self.run_id, int(self.ttl_seconds * 1000)))
+        return bool(
+            self.client.eval(_RENEW, 1, self.key, self.run_id, int(self.ttl_seconds * 1000))
+        )
 
     def owned(self) -> bool:
         """True if this run holds the lock now (and renews it, so a commit has the full ttl)."""

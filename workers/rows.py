@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from .alloc import tune_allocator
 from .checkpoint import Series
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -48,7 +49,10 @@ SORT_KEY = ("hostname", "metric", "scope", "scope_id", "timestamp")
 
 def count_values(series: Sequence[Series]) -> int:
     """Number of rows these series produce: their non-missing values."""
-    return sum(len(s.values) - int(np.count_nonzero(np.isnan(s.values))) for s in series)
+    if not series:
+        return 0
+    values = np.concatenate([s.values for s in series])
+    return len(values) - int(np.count_nonzero(np.isnan(values)))
 
 
 def _encode(names: Sequence[str]) -> tuple[np.ndarray, pa.Array]:
@@ -61,8 +65,9 @@ def _encode(names: Sequence[str]) -> tuple[np.ndarray, pa.Array]:
 
 def host_table(series: Sequence[Series]) -> pa.Table:
     """All rows of one host, missing values dropped, sorted by (metric, scope, scope_id, ts)."""
-    # Order whole series first (a few thousand tuples), so rows only need sorting when two
-    # series of one key overlap in time or a frequency is not positive.
+    tune_allocator()
+    # Order whole series (a few thousand tuples): rows then only need sorting when two
+    # series of one key overlap in time or a frequency is negative, which is rare.
     order = sorted(
         range(len(series)),
         key=lambda i: (series[i].metric, series[i].scope, series[i].scope_id, series[i].start),
@@ -70,48 +75,81 @@ def host_table(series: Sequence[Series]) -> pa.Table:
     ordered = [series[i] for i in order]
     if not ordered:
         return CHUNK_SCHEMA.empty_table()
-    lengths = np.fromiter((len(s.values) for s in ordered), dtype=np.int64, count=len(ordered))
-    starts = np.fromiter((s.start for s in ordered), dtype=np.int64, count=len(ordered))
-    freqs = np.fromiter((s.frequency for s in ordered), dtype=np.int64, count=len(ordered))
-    values = np.concatenate([s.values for s in ordered]).astype(np.float32, copy=False)
-    present = ~np.isnan(values)
-
-    # Row -> series, then timestamp = start + (position within series) * frequency.
-    owner = np.repeat(np.arange(len(ordered), dtype=np.int32), lengths)[present]
+    n = len(ordered)
+    lengths = np.fromiter((len(s.values) for s in ordered), dtype=np.int64, count=n)
+    starts = np.fromiter((s.start for s in ordered), dtype=np.int64, count=n)
+    freqs = np.fromiter((s.frequency for s in ordered), dtype=np.int64, count=n)
     offsets = np.cumsum(lengths) - lengths
-    position = np.flatnonzero(present) - offsets[owner]
-    timestamps = starts[owner] + position * freqs[owner]
-    values = values[present]
+    values = np.concatenate([s.values for s in ordered]).astype(np.float32, copy=False)
+    total = len(values)
+
+    # Every slot's timestamp, start + (slot - offset) * frequency, from whole-series runs
+    # (np.repeat) instead of per-row gathers; then the missing slots are dropped.
+    if np.all(freqs == freqs[0]):
+        f = int(freqs[0])
+        timestamps = np.repeat(starts - offsets * f, lengths)
+        timestamps += np.arange(total, dtype=np.int64) * f
+    else:
+        timestamps = np.repeat(starts - offsets * freqs, lengths)
+        timestamps += np.arange(total, dtype=np.int64) * np.repeat(freqs, lengths)
+    missing = np.flatnonzero(np.isnan(values))
+    counts = lengths
+    if len(missing):
+        keep = np.ones(total, bool)
+        keep[missing] = False
+        values, timestamps = values[keep], timestamps[keep]
+        owner = np.searchsorted(offsets, missing, side="right") - 1
+        counts = lengths - np.bincount(owner, minlength=n)
 
     metric_codes, metric_dict = _encode([s.metric for s in ordered])
     scope_codes, scope_dict = _encode([s.scope for s in ordered])
     scope_id_codes, scope_id_dict = _encode([s.scope_id for s in ordered])
-
-    key = np.fromiter(
-        _key_ranks([(s.metric, s.scope, s.scope_id) for s in ordered]),
-        dtype=np.int32,
-        count=len(ordered),
-    )[owner]
-    same_key = key[1:] == key[:-1]
-    if np.any(same_key & (timestamps[1:] < timestamps[:-1])):
+    keys = [(s.metric, s.scope, s.scope_id) for s in ordered]
+    if _needs_row_sort(keys, starts, freqs, lengths):
         # Stable, so equal timestamps keep file order: the result is deterministic.
-        perm = np.lexsort((timestamps, key))
+        rank = np.repeat(np.asarray(_key_ranks(keys), dtype=np.int32), counts)
+        owner = np.repeat(np.arange(n, dtype=np.int32), counts)
+        perm = np.lexsort((timestamps, rank))
         owner, timestamps, values = owner[perm], timestamps[perm], values[perm]
 
-    def column(codes: np.ndarray, dictionary: pa.Array) -> pa.DictionaryArray:
-        return pa.DictionaryArray.from_arrays(pa.array(codes[owner]), dictionary)
+        def column(codes: np.ndarray) -> np.ndarray:
+            return codes[owner]
+
+        frequency = freqs[owner]
+    else:
+
+        def column(codes: np.ndarray) -> np.ndarray:
+            return np.repeat(codes, counts)
+
+        frequency = np.repeat(freqs, counts)
 
     return pa.Table.from_arrays(
         [
-            column(metric_codes, metric_dict),
-            column(scope_codes, scope_dict),
-            column(scope_id_codes, scope_id_dict),
+            pa.DictionaryArray.from_arrays(column(metric_codes), metric_dict),
+            pa.DictionaryArray.from_arrays(column(scope_codes), scope_dict),
+            pa.DictionaryArray.from_arrays(column(scope_id_codes), scope_id_dict),
             pa.array(timestamps, pa.int64()),
-            pa.array(freqs[owner], pa.int64()),
+            pa.array(frequency, pa.int64()),
             pa.array(values, pa.float32()),
         ],
         schema=CHUNK_SCHEMA,
     )
+
+
+def _needs_row_sort(
+    keys: Sequence[tuple[str, str, str]],
+    starts: np.ndarray,
+    freqs: np.ndarray,
+    lengths: np.ndarray,
+) -> bool:
+    """Whether rows in series order are out of timestamp order within some key."""
+    if np.any(freqs < 0):
+        return True  # timestamps fall within a series
+    # A series whose first slot lies before the last slot of the previous series of the
+    # same key (the series are ordered by key, then start): two overlapping files.
+    last = starts + (lengths - 1) * freqs
+    overlap = np.flatnonzero(starts[1:] < last[:-1])
+    return any(keys[i] == keys[i + 1] for i in overlap.tolist())
 
 
 def _key_ranks(keys: Sequence[tuple[str, str, str]]) -> list[int]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import recovery, steps
+from . import metrics, ops, recovery, steps, storage
 from .locks import DirectoryLock, LockBusy
 from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest
 from .sink import ArchiveInfo, ParquetOptions
@@ -41,6 +41,7 @@ class RunOptions:
     chunk_compression: str | None = "lz4"
     clusters: list[str] | None = None  # restrict to these clusters
     grace_seconds: float = recovery.DEFAULT_GRACE_SECONDS  # age of orphans safe to remove
+    run_log: str | None = None  # where run records go (ops.record_run); None: none
 
 
 def new_run_id(cutoff: int) -> str:
@@ -64,7 +65,14 @@ def _executor(workers: int) -> Executor:
     if workers <= 1:
         return _InlineExecutor()
     # spawn: the parent may hold threads (progress display); fork would copy their locks.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # A spawned process starts with empty storage options: hand it this process's (S3
+    # endpoint, credentials), so every step sees the same storage as the caller configured.
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=storage.configure,
+        initargs=(storage.current_options(),),
+    )
 
 
 def _error(exc: BaseException) -> str:
@@ -79,6 +87,8 @@ class _ClusterState:
     deletes_left: int = 0
     lock: DirectoryLock | None = None
     exclude: dict[str, list[str]] = field(default_factory=dict)
+    mode: str = "archive"
+    run_log: str | None = None
 
 
 def run(options: RunOptions, progress: ProgressFn | None = None) -> list[ClusterReport]:
@@ -198,7 +208,9 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
 
 def _prepare(plan: steps.ClusterPlan, report: ClusterReport, options: RunOptions) -> _ClusterState:
     """Lock the cluster and run recovery; a cluster that cannot be locked is skipped."""
-    state = _ClusterState(report, hosts_left=len(plan.hosts))
+    state = _ClusterState(
+        report, hosts_left=len(plan.hosts), mode=options.mode, run_log=options.run_log
+    )
     lock = DirectoryLock(Path(options.checkpoints) / plan.cluster)
     try:
         lock.acquire()
@@ -286,4 +298,6 @@ def _finish(
     report.seconds = time.perf_counter() - started
     if state.lock is not None:
         state.lock.release()
+    ops.record_run(state.run_log, report, state.mode)  # for `ccarchive status`; never raises
+    metrics.observe_cluster(report)
     notify("done", report.cluster, {"ok": report.ok})

@@ -1,8 +1,10 @@
 """Staging: one Arrow IPC file per host and run, shared by all workers through fsspec.
 
-Layout: `<staging>/<run_id>/<cluster>/<host>.arrow`. A chunk is written under a temporary
-name and renamed, so a chunk that exists is complete; re-running a load overwrites it
-with the same rows.
+Layout: `<staging>/<run_id>/<cluster>/<host>.arrow`. A chunk is written through
+`storage.create` (local: temporary name and rename; S3: a multipart upload completed only
+at the end), so a chunk that exists is complete; re-running a load overwrites it with the
+same rows. Writing and reading stream batch by batch: memory is bounded by a batch and the
+storage's buffer (one S3 part when writing, the read-ahead when reading), never a host.
 """
 
 from __future__ import annotations
@@ -36,20 +38,21 @@ def chunk_url(staging: str, run_id: str, cluster: str, host: str) -> str:
 
 def write_chunk(table: pa.Table, url: str, compression: str | None = "lz4") -> int:
     """Write a host's rows as an Arrow IPC file; return its size in bytes."""
-    fs, path = storage.filesystem(url)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    tmp = f"{path}.tmp"
     options = ipc.IpcWriteOptions(compression=compression)
-    with fs.open(tmp, "wb") as sink, ipc.new_file(sink, CHUNK_SCHEMA, options=options) as out:
-        out.write_table(table, max_chunksize=BATCH_ROWS)
-    fs.mv(tmp, path)
-    return int(fs.size(path))
+    # Not durable (no fsync): a chunk lost to a power cut fails finalize's row counts, and
+    # a re-run rewrites it; the archive is what must survive.
+    with storage.create(url, exclusive=False, durable=False) as out:
+        with ipc.new_file(out, CHUNK_SCHEMA, options=options) as writer:
+            writer.write_table(table, max_chunksize=BATCH_ROWS)
+        out.commit()
+    return out.size
 
 
 def read_chunk(url: str) -> Iterator[pa.RecordBatch]:
     """Stream a chunk back batch by batch, never holding the whole host in memory."""
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as source:
+    with storage.open_input(url) as source:
+        # The IPC file format: the footer gives each batch's offset, so every batch is one
+        # ranged read (S3: one GET plus read-ahead), not a download of the file.
         reader = ipc.open_file(source)
         for i in range(reader.num_record_batches):
             yield reader.get_batch(i)

@@ -17,6 +17,7 @@ from pathlib import Path
 from . import sink, staging, storage
 from .checkpoint import BadCheckpoint, Series, checkpoint_timestamp, parse_binary, parse_json
 from .faults import crash_point
+from .logs import step_context
 from .manifest import BadFile, DeleteResult, HostManifest, SourceFile
 from .rows import count_values, host_table
 
@@ -136,6 +137,7 @@ def _read(path: Path) -> tuple[list[Series], int]:
     return series, len(data)
 
 
+@step_context  # log lines inside carry run_id, cluster and host
 def load_host(
     checkpoints: str,
     cluster: str,
@@ -183,6 +185,7 @@ def load_host(
     return manifest
 
 
+@step_context
 def finalize_cluster(
     cluster: str,
     cutoff: int,
@@ -212,6 +215,7 @@ def finalize_cluster(
     return info
 
 
+@step_context
 def delete_files(
     checkpoints: str, cluster: str, host: str, files: list[SourceFile]
 ) -> DeleteResult:
@@ -247,6 +251,7 @@ def delete_files(
     return result
 
 
+@step_context
 def delete_expired(checkpoints: str, cluster: str, host: str, cutoff: int) -> DeleteResult:
     """Delete mode: remove the host's checkpoint files selected by the cutoff, unread."""
     directory = host_dir(checkpoints, cluster, host)

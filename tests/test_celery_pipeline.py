@@ -1,0 +1,569 @@
+"""The distributed pipeline with real components: redis-server, Celery workers, beat, Flower.
+
+One module-wide set of workers on three queues, each with its own storage-node role:
+
+- `w-default`  (queue `celery`, 2 processes): planning, finalize, unrouted hosts;
+- `w-storage`  (queue `storage-a`): every host of cluster `alex`;
+- `w-broken`   (queue `storage-broken`): hosts named `broken*`. Its staging setting points
+  below a regular file, so every load it runs fails for real (NotADirectoryError) — a
+  storage node that cannot reach the shared staging.
+
+All workers run without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (see `drop_dac_prefix`), so a
+host directory with mode 000 is really unreadable to them although the suite runs as root.
+No eager mode anywhere: every task goes through Redis to a worker process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from tests.fixtures_redis import (
+    CCARCHIVE,
+    CELERY,
+    Processes,
+    RedisServer,
+    clean_env,
+    drop_dac_prefix,
+    free_port,
+    make_test_app,
+    wait_for_workers,
+    wait_until,
+    worker_argv,
+)
+from tests.helpers import Row, archive_rows, oracle_rows, snapshot, sort_key
+from workers.generate import Level, Metric, write_checkpoint
+
+DB = 1  # this module's Redis database
+ROUTES = {"alex": "storage-a", "*/broken*": "storage-broken"}
+NOW = int(time.time())
+OLD = NOW - 10 * 86400  # well before any cutoff of these tests
+NEW = NOW + 86400  # after any cutoff: never selected
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+# --- the module's Celery cluster ----------------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    """The running workers and the roots they work on."""
+
+    redis: RedisServer
+    root: Path
+    checkpoints: Path
+    archive: Path
+    staging: Path
+    fault_file: Path
+    env: dict[str, str]  # what every worker got
+    procs: Processes
+
+    @property
+    def broker(self) -> str:
+        """Broker URL of this module's database."""
+        return self.redis.url(DB)
+
+    def reports(self) -> list[dict[str, Any]]:
+        """The report log (newest first)."""
+        raw = self.redis.client(DB).lrange("ccarchive:reports", 0, -1)
+        return [json.loads(r) for r in raw]
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the real `ccarchive archive --broker ...` client."""
+        return subprocess.run(
+            [CCARCHIVE, "archive", "--broker", self.broker, *args],
+            env=clean_env(COLUMNS="200"),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture(scope="module")
+def celery_cluster(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """Three real `celery -A workers worker` processes on three queues; stopped at the end."""
+    prefix = drop_dac_prefix()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: cannot make a directory unreadable")
+    root = tmp_path_factory.mktemp("celery")
+    checkpoints, archive, staging = root / "checkpoints", root / "archive", root / "staging"
+    for d in (checkpoints, archive, staging):
+        d.mkdir()
+    (root / "not-a-dir").write_text("a regular file where a directory should be\n")
+    redis_server.client(DB).flushdb()
+    env = clean_env(
+        CCARCHIVE_BROKER_URL=redis_server.url(DB),
+        CCARCHIVE_CHECKPOINTS=str(checkpoints),
+        CCARCHIVE_ARCHIVE=str(archive),
+        CCARCHIVE_STAGING=str(staging),
+        CCARCHIVE_ROUTES=json.dumps(ROUTES),
+        CCARCHIVE_TASK_RETRIES="2",
+        CCARCHIVE_RETRY_DELAY="0.1",
+        CCARCHIVE_FAULT_FILE=str(root / "fault"),
+    )
+    procs = Processes(root / "logs")
+    try:
+        started = [
+            procs.start("w-default", [*prefix, *worker_argv("w-default", ["celery"], 2)], env),
+            procs.start("w-storage", [*prefix, *worker_argv("w-storage", ["storage-a"])], env),
+            procs.start(
+                "w-broken",
+                [*prefix, *worker_argv("w-broken", ["storage-broken"])],
+                {**env, "CCARCHIVE_STAGING": str(root / "not-a-dir" / "staging")},
+            ),
+        ]
+        app = make_test_app(redis_server.url(DB))
+        wait_for_workers(app, ["w-default", "w-storage", "w-broken"], started)
+        app.close()
+        yield Cluster(redis_server, root, checkpoints, archive, staging, root / "fault", env, procs)
+    finally:
+        procs.stop_all()
+        for p in checkpoints.rglob("*"):
+            if p.is_dir():
+                p.chmod(0o755)  # let pytest clean up the unreadable host
+
+
+# --- input --------------------------------------------------------------------------------
+
+
+def _level(seed: int, samples: int = 30, start: int = OLD, nan_every: int = 7) -> Level:
+    """A small host level with node, socket and hwthread metrics and some missing values."""
+    rng = np.random.default_rng(seed)
+
+    def series() -> Metric:
+        v = np.round(rng.uniform(0, 100, samples), 1)
+        v[::nan_every] = np.nan
+        return Metric(60, start, v)
+
+    return Level(
+        metrics={"cpu_load": series(), "mem_used": series()},
+        children={
+            "socket0": Level(metrics={"mem_bw": series()}),
+            "socket1": Level(
+                metrics={"mem_bw": series()},
+                children={"cpu7": Level(metrics={"ipc": series()})},
+            ),
+        },
+    )
+
+
+def write_host(checkpoints: Path, cluster: str, host: str, seed: int, files: int = 2) -> list[Path]:
+    """Selected checkpoints (JSON and binary) plus files a run must never touch."""
+    d = checkpoints / cluster / host
+    out = []
+    for k in range(files):
+        ts = OLD + k * 1800
+        fmt = ("json", "bin")[k % 2]
+        path = d / f"{ts}.{fmt}"
+        write_checkpoint(path, _level(seed * 10 + k, start=ts), ts, ts + 1800, fmt)
+        out.append(path)
+    write_checkpoint(d / f"{NEW}.json", _level(seed + 99, start=NEW), NEW, NEW + 1800)
+    (d / "current.wal").write_bytes(b"\x00wal")
+    (d / f"{OLD}.bin.tmp").write_bytes(b"interrupted")
+    (d / "0.json").write_text("{}")  # ts == 0: not a checkpoint to archive
+    return out
+
+
+def expected_rows(files: dict[str, list[Path]], cluster: str) -> list[Row]:
+    """The SPEC rows of these files (host -> paths), in archive order."""
+    rows = [
+        r for host, paths in files.items() for p in paths for r in oracle_rows(cluster, host, p)
+    ]
+    return sorted(rows, key=sort_key)
+
+
+def only_parquet(archive: Path, cluster: str) -> Path:
+    """The one published archive of a cluster."""
+    files = [p for p in (archive / cluster).iterdir() if not p.name.startswith(".")]
+    assert len(files) == 1, files
+    return files[0]
+
+
+# --- inotify: a sound order of publication and deletion -----------------------------------
+
+_IN_MOVED_TO, _IN_CREATE, _IN_DELETE, _IN_Q_OVERFLOW = 0x80, 0x100, 0x200, 0x4000
+
+
+class Inotify:
+    """Linux inotify through ctypes. One instance queues the events of all its watches in
+    the order they happened, which is what lets the test compare 'archive appeared under
+    its final name' with 'checkpoint deleted' across directories without timestamps."""
+
+    def __init__(self) -> None:
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.paths: dict[int, Path] = {}
+
+    def watch(self, path: Path) -> None:
+        """Report names created, moved in or deleted in `path`."""
+        wd = self.libc.inotify_add_watch(
+            self.fd, os.fsencode(path), _IN_CREATE | _IN_MOVED_TO | _IN_DELETE
+        )
+        if wd < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}")
+        self.paths[wd] = path
+
+    def events(self) -> list[tuple[str, Path]]:
+        """All queued events as ("create"|"delete", path), oldest first."""
+        out: list[tuple[str, Path]] = []
+        while True:
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return out
+            pos = 0
+            while pos < len(buf):
+                wd, mask, _cookie, length = struct.unpack_from("iIII", buf, pos)
+                name = buf[pos + 16 : pos + 16 + length].rstrip(b"\0").decode()
+                pos += 16 + length
+                assert not mask & _IN_Q_OVERFLOW, "inotify queue overflowed"
+                kind = "delete" if mask & _IN_DELETE else "create"
+                out.append((kind, self.paths[wd] / name))
+
+    def close(self) -> None:
+        """Release the inotify instance."""
+        os.close(self.fd)
+
+
+# --- the tests ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_beat_triggers_a_whole_run_end_to_end(
+    celery_cluster: Cluster, processes: Processes
+) -> None:
+    c = celery_cluster
+    cp, ar = c.checkpoints, c.archive
+    archived: dict[str, dict[str, list[Path]]] = {
+        "alex": {h: write_host(cp, "alex", h, i) for i, h in enumerate(["a0001", "a0002"])},
+        "fritz": {h: write_host(cp, "fritz", h, 10 + i) for i, h in enumerate(["f0001", "f0004"])},
+    }
+    # Kept and reported, never touched: bad names and content next to good files, an
+    # unreadable host, a host whose storage node cannot stage.
+    (cp / "fritz" / "f0004" / "abc.json").write_text("{}")
+    (cp / "fritz" / "f0004" / f"{OLD + 5}.json").write_text('{"metrics": {"x": ')
+    unreadable = write_host(cp, "fritz", "f0002", 20)
+    failing = write_host(cp, "fritz", "broken7", 21)
+    # A cluster whose selected file holds no value: no archive, the file is deleted anyway.
+    empty = cp / "quiet" / "q0001" / f"{OLD}.json"
+    write_checkpoint(
+        empty, Level({"cpu_load": Metric(60, OLD, np.full(5, np.nan))}), OLD, OLD + 300
+    )
+    (cp / "stray-file").write_text("not a cluster")
+    expected = {cl: expected_rows(files, cl) for cl, files in archived.items()}
+    mine = ("alex", "fritz", "quiet", "stray-file")  # other tests' leftovers may change
+
+    def tree() -> dict[str, bytes | None]:
+        return {k: v for k, v in snapshot(cp).items() if k.split("/")[0] in mine}
+
+    before = tree()
+
+    watcher = Inotify()
+    for cluster in ("alex", "fritz", "quiet"):
+        (ar / cluster).mkdir(exist_ok=True)
+        watcher.watch(ar / cluster)
+        for host in (cp / cluster).iterdir():
+            watcher.watch(host)
+    (cp / "fritz" / "f0002").chmod(0o000)  # after its watch: non-root could not add it
+
+    beat = processes.start(
+        "beat",
+        [CELERY, "-A", "workers", "beat", "-s", str(processes.logdir / "schedule"), "-l", "INFO"],
+        {**c.env, "CCARCHIVE_RETENTION": "1h", "CCARCHIVE_INTERVAL": "2s"},
+    )
+    wait_until(lambda: "Sending due task ccarchive-run" in beat.output(), 30, "beat's first run")
+
+    def first_run() -> dict[str, dict[str, Any]] | None:
+        # Beat goes on every 2 s: a run that started while the first one held the cluster
+        # locks reports "skipped"; later ones find nothing left to do. Take the first run.
+        by_run: dict[str, dict[str, dict[str, Any]]] = {}
+        for r in reversed(c.reports()):
+            by_run.setdefault(r["run_id"], {})[r["cluster"]] = r
+        for reports in by_run.values():
+            skipped = any(e.startswith("skipped") for r in reports.values() for e in r["errors"])
+            if {"alex", "fritz", "quiet"} <= set(reports) and not skipped:
+                return reports
+        return None
+
+    reports = wait_until(first_run, 60, "the reports of the beat run", interval=0.2)
+    # Only now: stopping beat while it publishes would lose the message it is sending.
+    processes.stop(beat)
+    wait_until(lambda: not c.redis.client(DB).keys("ccarchive:lock:*"), 30, "later runs to end")
+    events = watcher.events()
+    watcher.close()
+    (cp / "fritz" / "f0002").chmod(0o755)
+
+    # Rows: exactly the SPEC rows of the archived files, in order, one file per cluster.
+    cutoff = reports["alex"]["cutoff"]
+    assert NOW - 3600 - 60 <= cutoff <= int(time.time()) - 3600
+    for cluster in ("alex", "fritz"):
+        path = only_parquet(ar, cluster)
+        assert path.name == f"{cutoff}.parquet"
+        assert archive_rows(path) == expected[cluster]
+    assert list((ar / "quiet").iterdir()) == []
+
+    # Files: every archived checkpoint (and the value-less one) is gone, nothing else changed.
+    gone = {
+        str(p.relative_to(cp)) for files in archived.values() for ps in files.values() for p in ps
+    }
+    gone.add(str(empty.relative_to(cp)))
+    assert tree() == {k: v for k, v in before.items() if k not in gone}
+    assert all(p.exists() for p in unreadable + failing)
+
+    # Reports: the two failing hosts and the two bad files, with file and reason.
+    assert reports["alex"]["bad"] == [] and reports["alex"]["errors"] == []
+    assert reports["alex"]["files_archived"] == reports["alex"]["files_deleted"] == 4
+    fritz = reports["fritz"]
+    assert (fritz["hosts"], fritz["files_archived"], fritz["files_deleted"]) == (4, 4, 4)
+    assert fritz["rows"] == len(expected["fritz"]) and fritz["errors"] == []
+    bad = {Path(b["path"]).relative_to(cp).as_posix(): b["reason"] for b in fritz["bad"]}
+    assert set(bad) == {
+        "fritz/broken7",
+        "fritz/f0002",
+        "fritz/f0004/abc.json",
+        f"fritz/f0004/{OLD + 5}.json",
+    }
+    assert bad["fritz/f0002"] == "cannot list: Permission denied"
+    assert bad["fritz/broken7"].startswith("load failed after 3 attempts: NotADirectoryError")
+    assert reports["quiet"]["archive"] is None and reports["quiet"]["files_deleted"] == 1
+
+    # Order: no checkpoint of a cluster was deleted before its archive had its final name.
+    published: dict[str, int] = {}
+    for i, (kind, path) in enumerate(events):
+        if kind == "create" and path.parent.parent == ar and path.name == f"{cutoff}.parquet":
+            published[path.parent.name] = i
+    deletions = [
+        (i, p) for i, (kind, p) in enumerate(events) if kind == "delete" and cp in p.parents
+    ]
+    assert {str(p.relative_to(cp)) for _, p in deletions} == gone
+    for i, p in deletions:
+        cluster = p.relative_to(cp).parts[0]
+        if cluster != "quiet":
+            assert cluster in published and published[cluster] < i, f"{p} deleted before archive"
+
+    # Nothing left behind: staging of the run removed, every cluster lock released.
+    assert list(c.staging.iterdir()) == []
+    assert c.redis.client(DB).keys("ccarchive:lock:*") == []
+
+
+def _flower(processes: Processes, c: Cluster) -> tuple[str, tuple[str, str]]:
+    port = free_port()
+    flower = processes.start(
+        "flower",
+        [CELERY, "-A", "workers", "flower", "--address=127.0.0.1", f"--port={port}"],
+        {**c.env, "FLOWER_BASIC_AUTH": "tester:secret"},
+    )
+    base, auth = f"http://127.0.0.1:{port}", ("tester", "secret")
+
+    def up() -> bool:
+        if not flower.alive():
+            pytest.fail(f"flower exited:\n{flower.output()}")
+        try:
+            return requests.get(f"{base}/api/workers", auth=auth, timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_until(up, 30, "Flower to answer HTTP", interval=0.2)
+    # Flower sees tasks through events, which are not stored: make sure its event receiver
+    # is live (it lists a probe task) before the run whose tasks it must show.
+    app = make_test_app(c.broker)
+    probes: list[str] = []
+
+    def probed() -> bool:
+        tasks = requests.get(f"{base}/api/tasks", auth=auth, timeout=5).json()
+        if any(tasks.get(p, {}).get("state") == "SUCCESS" for p in probes):
+            return True
+        probes.append(app.send_task("ccarchive.discover", args=["flower-probe"]).id)
+        return False
+
+    wait_until(probed, 30, "Flower to see task events", interval=0.3)
+    app.close()
+    return base, auth
+
+
+@pytest.mark.timeout(90)
+def test_cli_broker_run_shows_in_flower(celery_cluster: Cluster, processes: Processes) -> None:
+    c = celery_cluster
+    base, auth = _flower(processes, c)
+    files = {
+        h: write_host(c.checkpoints, "woody", h, 40 + i) for i, h in enumerate(["w1", "w2", "w3"])
+    }
+    files["w4"] = write_host(c.checkpoints, "woody", "w4", 44)  # one more to go through
+    expected = expected_rows(files, "woody")
+    cutoff = NOW - 3600
+
+    done = c.cli("--cutoff", str(cutoff), "--cluster", "woody")
+
+    assert done.returncode == 0, done.stderr
+    assert "submitting to redis://127.0.0.1" in done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if "woody" in ln)
+    assert f"{len(expected):,}" in line
+    assert archive_rows(c.archive / "woody" / f"{cutoff}.parquet") == expected
+    assert not any(p.exists() for ps in files.values() for p in ps)
+
+    wanted = {
+        "ccarchive.load_host": 4,
+        "ccarchive.finalize_cluster": 1,
+        "ccarchive.delete_files": 4,
+    }
+
+    def listed() -> dict[str, int] | None:
+        tasks = requests.get(f"{base}/api/tasks", auth=auth, timeout=5).json()
+        count: dict[str, int] = {}
+        for t in tasks.values():
+            # Flower shows argument reprs: the cluster is an arg or (finalize) a kwarg.
+            called = f"{t.get('args')} {t.get('kwargs')}"
+            if t.get("state") == "SUCCESS" and "'woody'" in called:
+                count[t["name"]] = count.get(t["name"], 0) + 1
+        got = {n: count.get(n, 0) for n in wanted}
+        return got if got == wanted else None
+
+    wait_until(listed, 20, "Flower to list the run's tasks as SUCCESS", interval=0.3)
+
+
+@pytest.mark.timeout(60)
+def test_cli_failing_host_is_reported_and_kept_with_exit_1(celery_cluster: Cluster) -> None:
+    c = celery_cluster
+    good = write_host(c.checkpoints, "jupiter", "j0001", 50)
+    bad = write_host(c.checkpoints, "jupiter", "broken1", 51)
+    expected = expected_rows({"j0001": good}, "jupiter")
+
+    done = c.cli("--cutoff", str(NOW - 3600), "--cluster", "jupiter")
+
+    assert done.returncode == 1, done.stderr
+    assert "load failed after 3 attempts: NotADirectoryError" in done.stderr
+    assert f"kept: {c.checkpoints / 'jupiter' / 'broken1'}:" in done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if "jupiter" in ln)
+    # cluster, hosts, files archived, files deleted, kept (bad)
+    assert [cell.strip() for cell in line.split("│")][1:6] == ["jupiter", "2", "2", "2", "1"]
+    assert archive_rows(only_parquet(c.archive, "jupiter")) == expected
+    assert not any(p.exists() for p in good) and all(p.exists() for p in bad)
+
+
+@pytest.mark.timeout(60)
+def test_cli_delete_mode_deletes_only_expired_files(celery_cluster: Cluster) -> None:
+    c = celery_cluster
+    files = write_host(c.checkpoints, "meggie", "m0001", 60) + write_host(
+        c.checkpoints, "meggie", "m0002", 61
+    )
+    before = snapshot(c.checkpoints / "meggie")
+
+    done = c.cli("--cutoff", str(NOW - 3600), "--mode", "delete", "--cluster", "meggie")
+
+    assert done.returncode == 0, done.stderr
+    gone = {str(p.relative_to(c.checkpoints / "meggie")) for p in files}
+    assert snapshot(c.checkpoints / "meggie") == {k: v for k, v in before.items() if k not in gone}
+    assert not (c.archive / "meggie").exists()
+    report = next(r for r in c.reports() if r["cluster"] == "meggie")
+    assert (report["files_deleted"], report["bad"], report["errors"]) == (4, [], [])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "point",
+    ["load:read", "load:staged", "finalize:writing", "finalize:committed", "delete:partial"],
+)
+def test_a_worker_killed_mid_task_still_archives_every_value_once(
+    celery_cluster: Cluster, point: str
+) -> None:
+    c = celery_cluster
+    cluster = "crash-" + point.replace(":", "-")
+    files = {h: write_host(c.checkpoints, cluster, h, 70 + i) for i, h in enumerate(["c1", "c2"])}
+    expected = expected_rows(files, cluster)
+    c.fault_file.write_text(point)  # the first worker process reaching `point` is SIGKILLed
+
+    done = c.cli("--cutoff", str(NOW - 3600), "--cluster", cluster)
+
+    assert not c.fault_file.exists(), "the crash point was never reached"
+    assert done.returncode == 0, done.stderr
+    assert archive_rows(only_parquet(c.archive, cluster)) == expected
+    assert not any(p.exists() for ps in files.values() for p in ps)
+
+
+@pytest.mark.timeout(60)
+def test_cli_refuses_roots_the_workers_do_not_use_with_exit_2(
+    celery_cluster: Cluster, tmp_path: Path
+) -> None:
+    done = celery_cluster.cli("--cutoff", "1", "--checkpoints", str(tmp_path))
+    assert done.returncode == 2
+    assert f"the workers archive {celery_cluster.checkpoints}, not {tmp_path}" in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_cli_without_workers_exits_2(redis_server: RedisServer) -> None:
+    env = clean_env(CCARCHIVE_BROKER_URL=redis_server.url(9))  # nobody listens on db 9
+    done = subprocess.run(
+        [CCARCHIVE, "archive", "--cutoff", "1"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert "no Celery worker answers at redis://127.0.0.1" in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_host_that_kills_its_worker_every_time_is_given_up(celery_cluster: Cluster) -> None:
+    c = celery_cluster
+    files = write_host(c.checkpoints, "poison", "p1", 80)
+    stop = threading.Event()
+
+    def keep_crashing() -> None:  # re-arm the crash point each time a worker consumed it
+        while not stop.is_set():
+            if not c.fault_file.exists():
+                c.fault_file.write_text("load:read")
+            time.sleep(0.02)
+
+    crasher = threading.Thread(target=keep_crashing)
+    crasher.start()
+    try:
+        done = c.cli("--cutoff", str(NOW - 3600), "--cluster", "poison")
+    finally:
+        stop.set()
+        crasher.join()
+        c.fault_file.unlink(missing_ok=True)
+
+    assert done.returncode == 1, done.stderr
+    assert "gave up after 3 attempts (worker lost)" in done.stderr
+    assert all(p.exists() for p in files)
+    assert not (c.archive / "poison").exists() or list((c.archive / "poison").iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_an_existing_archive_with_other_content_fails_finalize_and_keeps_files(
+    celery_cluster: Cluster,
+) -> None:
+    c = celery_cluster
+    cutoff = NOW - 3600
+    files = write_host(c.checkpoints, "taken", "t1", 90)
+    existing = c.archive / "taken" / f"{cutoff}.parquet"
+    existing.parent.mkdir()
+    pq.write_table(pa.table({"x": [1, 2, 3]}), existing)
+    content = existing.read_bytes()
+
+    done = c.cli("--cutoff", str(cutoff), "--cluster", "taken")
+
+    assert done.returncode == 1, done.stderr
+    assert "error: taken: archive not written, all files kept: ArchiveConflict" in done.stderr
+    assert existing.read_bytes() == content
+    assert all(p.exists() for p in files)
+    assert c.redis.client(DB).keys("ccarchive:lock:*") == []
+    assert list(c.staging.iterdir()) == []

@@ -1,0 +1,107 @@
+"""The Celery app: `celery -A workers worker|beat|flower` finds `workers.celery.app`.
+
+Broker, result backend, queues and the beat schedule all come from `Settings`
+(`CCARCHIVE_*` environment variables), read once when a process imports this module.
+The CLI's `--broker` path builds its own app with `make_app` instead.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init, worker_process_init
+
+from . import logs, metrics
+from .config import Settings, load_settings, parse_duration
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery configuration for the archiver's long, idempotent tasks, and why each setting."""
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.results_url,
+        # SPEC §6.6: messages are JSON only. A pickle payload would let anyone who can write
+        # to the broker run code on every worker; JSON is data.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Acknowledge a task only after it finished: a worker killed mid-task (OOM, reboot)
+        # leaves the message in the broker and another worker runs it. Every task is safe to
+        # run twice (loads rewrite the same chunk, finalize finds its own archive, deletes
+        # check sizes), so at-least-once is what we want.
+        "task_acks_late": True,
+        # Without this a task whose worker *process* died would be acked as failed; with it
+        # the message is requeued. Poison messages are bounded by the attempt counter in
+        # workers.tasks, not by Celery.
+        "task_reject_on_worker_lost": True,
+        # A worker reserves one task per process at a time: tasks last seconds to minutes,
+        # so prefetching more would pin hosts to a busy worker while others sit idle, and
+        # on a lost worker more messages would wait for redelivery.
+        "worker_prefetch_multiplier": 1,
+        # Task events (received/started/succeeded/failed, and "sent" from the producer) are
+        # what Flower shows; without them it only sees workers, not tasks.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        # STARTED state: the CLI and Flower can tell a queued task from a running one.
+        "task_track_started": True,
+        # Results are read once, by the chord and the submitting CLI; the run's lasting
+        # record is the archive's footer and the report log. Let Redis drop them after a day.
+        "result_expires": timedelta(days=1),
+        # Redis redelivers a message that was taken but not acked after this long. It must
+        # exceed the longest task (a big cluster's finalize), or a healthy task would be
+        # run a second time next to itself.
+        "broker_transport_options": {
+            "visibility_timeout": parse_duration(settings.visibility_timeout)
+        },
+        "result_backend_transport_options": {
+            "visibility_timeout": parse_duration(settings.visibility_timeout)
+        },
+        # With late acks, a lost broker connection means the running tasks will be delivered
+        # again: cancel them instead of finishing them twice (the Celery 6 default).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Workers may start before Redis (docker compose): keep retrying instead of exiting.
+        "broker_connection_retry_on_startup": True,
+        # Queues: unrouted work goes to the default queue; routed per-host tasks name their
+        # queue explicitly when they are sent (workers.routing).
+        "task_default_queue": settings.default_queue,
+        "task_create_missing_queues": True,
+        # Workers log in UTC like the timestamps in the file names.
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    """A configured Celery app with the archiver's tasks and beat schedule."""
+    from beat.schedule import beat_schedule  # deferred: beat/ imports workers.config
+
+    settings = settings or load_settings()
+    celery_app = Celery("ccarchive", include=["workers.tasks"])
+    celery_app.conf.update(celery_config(settings))
+    celery_app.conf.beat_schedule = beat_schedule(settings)
+    return celery_app
+
+
+#: The app every worker, beat and flower process uses (`celery -A workers ...`).
+app = make_app()
+
+# Prometheus metrics from the workers: counts each cluster's final report
+# (ccarchive.finish_cluster) and serves CCARCHIVE_METRICS_PORT when set.
+metrics.install_celery()
+# Every log line of a task carries its cluster, host and run id.
+logs.install_celery()
+
+
+@worker_init.connect  # the solo pool runs tasks in the main process
+@worker_process_init.connect  # prefork: every child process
+def _configure_storage(**_: Any) -> None:
+    """S3 endpoint and credentials (CCARCHIVE_S3_*) for every process that runs tasks."""
+    from .config import configure_storage
+
+    configure_storage(load_settings())
+
+
+__all__ = ["app", "celery_config", "make_app"]

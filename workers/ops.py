@@ -1,0 +1,689 @@
+"""What operators ask about archives: status, inspect, query — and the run records.
+
+Everything here reads; the one writer is `record_run`, which the runner calls when a
+cluster is done, so the format of a run record is defined next to its reader. The
+functions return small dataclasses (JSON-able with `to_json`); presentation is the CLI's.
+
+Run records: `<run_log>/<cluster>/<finished UTC>-<run_id>.json`, one per cluster and run
+(S3 has no append, so no shared log file). The names sort by the time the run ended.
+`run_log` is a setting (CCARCHIVE_RUN_LOG); under the archive root a name starting with
+`_` (e.g. `<archive>/_runs`) is skipped by pyarrow, Spark and by `query`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__, sink, storage
+from .checkpoint import checkpoint_timestamp
+from .manifest import ClusterReport
+from .steps import UnsafeName, check_name
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
+
+log = logging.getLogger(__name__)
+
+#: progress(done, total): called as long work advances (the CLI draws a bar on a terminal).
+ProgressFn = Callable[[int, int], None]
+
+#: At most this many kept files are listed in a run record (the count is always exact).
+MAX_RECORDED_BAD = 1000
+
+
+def _noop(_done: int, _total: int) -> None:
+    return None
+
+
+def iso(ts: float | None) -> str | None:
+    """A Unix time as an ISO 8601 UTC string (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def to_json(obj: Any) -> str:
+    """A dataclass result as indented JSON (for `--json`)."""
+    data = (
+        dataclasses.asdict(obj)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+        else obj
+    )
+    return json.dumps(data, indent=2, default=str, ensure_ascii=False)
+
+
+def _name_of(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _subdirs(url: str) -> list[str]:
+    """Names of the directories (prefixes) directly below url that may be clusters."""
+    fs, path = storage.filesystem(url)
+    if not fs.exists(path):
+        return []
+    names = []
+    for info in fs.ls(path, detail=True):
+        name = _name_of(str(info["name"]))
+        if info.get("type") != "directory" or name.startswith((".", "_")):
+            continue
+        try:
+            names.append(check_name(name, "cluster"))
+        except UnsafeName:
+            continue
+    return sorted(names)
+
+
+# --- run records --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The outcome of one run for one cluster, as the runner recorded it."""
+
+    run_id: str
+    cluster: str
+    cutoff: int
+    mode: str
+    finished: str  # ISO 8601 UTC
+    seconds: float
+    outcome: str  # ok | reported | error
+    hosts: int = 0
+    files_archived: int = 0
+    files_deleted: int = 0
+    rows: int = 0
+    bytes_written: int = 0
+    archive: str | None = None
+    bad_count: int = 0
+    bad: list[dict[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    version: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        """Read a record, ignoring keys a newer version may have added."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def run_outcome(report: ClusterReport) -> str:
+    """`ok`, `reported` (bad input kept: exit code 1) or `error` (something failed)."""
+    if report.errors:
+        return "error"
+    return "reported" if report.bad else "ok"
+
+
+def record_run(
+    run_log: str | None, report: ClusterReport, mode: str, finished: float | None = None
+) -> str | None:
+    """Write the run record of a finished cluster; return its URL (None if off or failed).
+
+    Never raises: the outcome of a run must not depend on whether its log could be written.
+    """
+    if not run_log:
+        return None
+    ended = time.time() if finished is None else finished
+    record = RunRecord(
+        run_id=report.run_id,
+        cluster=report.cluster,
+        cutoff=report.cutoff,
+        mode=mode,
+        finished=iso(ended) or "",
+        seconds=round(report.seconds, 3),
+        outcome=run_outcome(report),
+        hosts=report.hosts,
+        files_archived=report.files_archived,
+        files_deleted=report.files_deleted,
+        rows=report.rows,
+        bytes_written=report.bytes_written,
+        archive=report.archive,
+        bad_count=len(report.bad),
+        bad=[{"path": b.path, "reason": b.reason} for b in report.bad[:MAX_RECORDED_BAD]],
+        errors=list(report.errors),
+        version=__version__,
+    )
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(ended))
+    url = storage.join(run_log, report.cluster, f"{stamp}-{report.run_id}.json")
+    try:
+        fs, path = storage.filesystem(url)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.pipe_file(path, json.dumps(dataclasses.asdict(record), indent=1).encode())
+    except Exception as exc:
+        log.warning("cannot write run record %s: %s", url, exc)
+        return None
+    return url
+
+
+def read_runs(run_log: str, cluster: str) -> tuple[list[str], RunRecord | None]:
+    """The URLs of a cluster's run records (oldest first) and the newest readable record."""
+    fs, path = storage.filesystem(storage.join(run_log, cluster))
+    if not fs.exists(path):
+        return [], None
+    names = sorted(_name_of(p) for p in fs.ls(path, detail=False) if _name_of(p).endswith(".json"))
+    urls = [storage.join(run_log, cluster, n) for n in names]
+    for url in reversed(urls):
+        try:
+            rfs, rpath = storage.filesystem(url)
+            return urls, RunRecord.from_dict(json.loads(rfs.cat_file(rpath)))
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("unreadable run record %s: %s", url, exc)
+    return urls, None
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchiveSummary:
+    """One published archive file, from its listing and its footer."""
+
+    url: str
+    cutoff: int
+    bytes: int
+    rows: int
+    row_groups: int
+    hosts: int | None  # None: no ccarchive commit record (e.g. written by cc-backend)
+    source_files: int | None
+    run_id: str | None
+    created: str | None
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    """A checkpoint file still present although a committed archive lists it.
+
+    `delete`: same size as archived, the next run's recovery deletes it. `keep`: its size
+    changed since; the next run reports it and leaves it for a person to decide.
+    """
+
+    host: str
+    name: str
+    archive: str
+    archived_size: int
+    size: int
+    action: str
+
+
+@dataclass
+class ClusterStatus:
+    """Everything `status` knows about one cluster."""
+
+    cluster: str
+    archives: list[ArchiveSummary] = field(default_factory=list)
+    runs: int = 0  # run records present
+    last_run: RunRecord | None = None
+    pending: list[PendingFile] | None = None  # None: checkpoints (or archive) not configured
+    partial_files: list[str] = field(default_factory=list)  # temporary files of dead runs
+    problems: list[str] = field(default_factory=list)  # unreadable archives, records
+
+    @property
+    def rows(self) -> int:
+        """Rows in all archives of the cluster."""
+        return sum(a.rows for a in self.archives)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of all archives of the cluster."""
+        return sum(a.bytes for a in self.archives)
+
+
+@dataclass
+class Status:
+    """`ccarchive status`: per cluster, archives, last run and pending recoveries."""
+
+    archive: str | None
+    checkpoints: str | None
+    run_log: str | None
+    clusters: list[ClusterStatus] = field(default_factory=list)
+
+
+def _summarize_archive(url: str, size: int) -> tuple[ArchiveSummary, dict[str, Any]]:
+    """Summary and per-host sources of one archive, from its footer only."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        md = pq.ParquetFile(f).metadata
+    footer = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
+    has_record = sink.META_PREFIX + "sources" in footer
+    sources = sink.footer_sources(footer) if has_record else {}
+    summary = ArchiveSummary(
+        url=url,
+        cutoff=int(_name_of(url).split(".", 1)[0]),
+        bytes=size,
+        rows=md.num_rows,
+        row_groups=md.num_row_groups,
+        hosts=len(sources) if has_record else None,
+        source_files=sum(len(h.get("files", [])) for h in sources.values()) if has_record else None,
+        run_id=footer.get(sink.META_PREFIX + "run_id"),
+        created=footer.get(sink.META_PREFIX + "created"),
+    )
+    return summary, sources
+
+
+def _present(checkpoints: str, cluster: str) -> dict[str, dict[str, int]]:
+    """Per host, the timestamped checkpoint files present and their sizes."""
+    root = Path(checkpoints) / cluster
+    present: dict[str, dict[str, int]] = {}
+    try:
+        hosts = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return present
+    for host in hosts:
+        files: dict[str, int] = {}
+        try:
+            with os.scandir(host.path) as entries:
+                for entry in entries:
+                    ts = checkpoint_timestamp(entry.name)
+                    if isinstance(ts, int) and ts != 0 and entry.is_file(follow_symlinks=False):
+                        files[entry.name] = entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+        present[host.name] = files
+    return present
+
+
+def _entry_time(info: dict[str, Any]) -> float | None:
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if isinstance(mtime, datetime):
+        return mtime.timestamp()
+    return float(mtime) if mtime else None
+
+
+def cluster_status(
+    archive: str | None,
+    cluster: str,
+    checkpoints: str | None = None,
+    run_log: str | None = None,
+    progress: ProgressFn = _noop,
+) -> ClusterStatus:
+    """One cluster's archives, last run and pending recoveries (reads footers, not data).
+
+    `archive` None (delete mode keeps no archive): only the run records are read.
+    """
+    status = ClusterStatus(check_name(cluster, "cluster"))
+    entries: list[dict[str, Any]] = []
+    if archive:
+        fs, path = storage.filesystem(storage.join(archive, cluster))
+        entries = fs.ls(path, detail=True) if fs.exists(path) else []
+    finals: list[tuple[int, str, int]] = []
+    for info in entries:
+        name = _name_of(str(info["name"]))
+        stem, _, ext = name.rpartition(".")
+        if ext == "parquet" and stem.isascii() and stem.isdigit():
+            finals.append((int(stem), name, int(info.get("size") or 0)))
+        elif name.startswith(".") and name.endswith(".partial") and archive:
+            status.partial_files.append(storage.join(archive, cluster, name))
+    finals.sort()
+    sources_of: list[tuple[str, dict[str, Any]]] = []
+    for i, (_cutoff, name, size) in enumerate(finals):
+        url = storage.join(archive or "", cluster, name)
+        try:
+            summary, sources = _summarize_archive(url, size)
+        except Exception as exc:  # a broken file must not hide the others
+            status.problems.append(f"cannot read {url}: {type(exc).__name__}: {exc}")
+        else:
+            status.archives.append(summary)
+            sources_of.append((url, sources))
+        progress(i + 1, len(finals))
+    if run_log:
+        try:
+            urls, status.last_run = read_runs(run_log, cluster)
+            status.runs = len(urls)
+        except OSError as exc:
+            status.problems.append(f"cannot read run records: {exc}")
+    if checkpoints and archive:
+        present = _present(checkpoints, cluster)
+        status.pending = []
+        for url, sources in sources_of:
+            for host, entry in sorted(sources.items()):
+                for f in entry.get("files", []):
+                    now = present.get(host, {}).get(f["name"])
+                    if now is not None:
+                        status.pending.append(
+                            PendingFile(
+                                host=host,
+                                name=f["name"],
+                                archive=url,
+                                archived_size=int(f["size"]),
+                                size=now,
+                                action="delete" if now == int(f["size"]) else "keep",
+                            )
+                        )
+    return status
+
+
+def status(
+    archive: str | None,
+    checkpoints: str | None = None,
+    run_log: str | None = None,
+    clusters: Sequence[str] | None = None,
+    progress: ProgressFn = _noop,
+) -> Status:
+    """Every cluster found under the archive, the run log or the checkpoints (or `clusters`)."""
+    names = set(clusters or ())
+    if not clusters:
+        if archive:
+            names.update(_subdirs(archive))
+        if run_log:
+            names.update(_subdirs(run_log))
+        if checkpoints and Path(checkpoints).is_dir():
+            names.update(_subdirs(checkpoints))
+    result = Status(archive=archive, checkpoints=checkpoints, run_log=run_log)
+    ordered = sorted(names)
+    for i, name in enumerate(ordered):
+        result.clusters.append(cluster_status(archive, name, checkpoints, run_log))
+        progress(i + 1, len(ordered))
+    return result
+
+
+# --- inspect ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    """One column as stored."""
+
+    name: str
+    arrow_type: str
+    physical_type: str
+    logical_type: str
+    required: bool
+    compression: str
+    encodings: list[str]
+
+
+@dataclass(frozen=True)
+class RowGroupInfo:
+    """One row group: its rows, size and the ranges its statistics declare."""
+
+    index: int
+    rows: int
+    bytes: int  # compressed
+    hosts: list[str]  # min and max hostname (one entry when they are equal)
+    metrics: list[str]  # min and max metric
+    time_min: int | None
+    time_max: int | None
+
+
+@dataclass
+class Inspection:
+    """`ccarchive inspect`: a Parquet file's layout, contents and commit record."""
+
+    url: str
+    bytes: int
+    rows: int
+    created_by: str
+    metadata: dict[str, str]  # ccarchive.* footer keys, without the source list
+    sorting_columns: list[str]
+    columns: list[ColumnInfo]
+    row_groups: list[RowGroupInfo]
+    hosts: dict[str, int]  # rows per host, from row group statistics
+    metrics: list[str]
+    time_min: int | None
+    time_max: int | None
+    sources: dict[str, Any]  # per host {rows, files: [{name, size, rows}]}
+
+
+def _stat_range(stats: Any) -> tuple[Any, Any]:
+    if stats is None or not stats.has_min_max:
+        return None, None
+    return stats.min, stats.max
+
+
+def inspect_file(url: str, progress: ProgressFn = _noop) -> Inspection:
+    """Describe one archive file: schema, row groups, hosts, time range, metrics, sources.
+
+    Everything but the metric list comes from the footer; the metric names are read from
+    the dictionary-encoded `metric` column one row group at a time (bounded memory).
+    """
+    fs, path = storage.filesystem(url)
+    size = int(fs.size(path))
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f, read_dictionary=["metric"])
+        md = pf.metadata
+        names = [pf.schema.column(i).name for i in range(len(pf.schema))]
+        index = {n: i for i, n in enumerate(names)}
+        arrow = pf.schema.to_arrow_schema()  # not schema_arrow: that shows read_dictionary
+        first = md.row_group(0) if md.num_row_groups else None
+        columns = []
+        for i, name in enumerate(names):
+            col = pf.schema.column(i)
+            chunk = first.column(i) if first is not None else None
+            columns.append(
+                ColumnInfo(
+                    name=name,
+                    arrow_type=str(arrow.field(name).type),
+                    physical_type=str(col.physical_type),
+                    logical_type=str(col.logical_type),
+                    required=col.max_definition_level == 0,
+                    compression=str(chunk.compression) if chunk is not None else "",
+                    encodings=[str(e) for e in chunk.encodings] if chunk is not None else [],
+                )
+            )
+        row_groups: list[RowGroupInfo] = []
+        hosts: dict[str, int] = {}
+        metrics: set[str] = set()
+        tmin: int | None = None
+        tmax: int | None = None
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            h = _stat_range(rg.column(index["hostname"]).statistics) if "hostname" in index else ()
+            m = _stat_range(rg.column(index["metric"]).statistics) if "metric" in index else ()
+            lo, hi = (
+                _stat_range(rg.column(index["timestamp"]).statistics)
+                if "timestamp" in index
+                else (None, None)
+            )
+            row_groups.append(
+                RowGroupInfo(
+                    index=g,
+                    rows=rg.num_rows,
+                    bytes=sum(rg.column(c).total_compressed_size for c in range(rg.num_columns)),
+                    hosts=sorted({x for x in h if x is not None}),
+                    metrics=sorted({x for x in m if x is not None}),
+                    time_min=lo,
+                    time_max=hi,
+                )
+            )
+            if h and h[0] is not None:
+                # Our row groups hold one host each; an upstream file's may span several,
+                # then the rows are attributed to the range's first host.
+                hosts[h[0]] = hosts.get(h[0], 0) + rg.num_rows
+            if lo is not None and hi is not None:
+                tmin = lo if tmin is None else min(tmin, lo)
+                tmax = hi if tmax is None else max(tmax, hi)
+            if "metric" in index:
+                for chunk in pf.read_row_group(g, columns=["metric"]).column(0).chunks:
+                    if isinstance(chunk, pa.DictionaryArray):
+                        used = chunk.dictionary.take(chunk.indices.unique().drop_null())
+                    else:
+                        used = chunk.unique()
+                    metrics.update(used.to_pylist())
+            progress(g + 1, md.num_row_groups)
+        footer = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
+    sorting = []
+    if first is not None and first.sorting_columns:
+        sorting = [names[c.column_index] for c in first.sorting_columns]
+    return Inspection(
+        url=url,
+        bytes=size,
+        rows=md.num_rows,
+        created_by=str(md.created_by),
+        metadata={
+            k: v
+            for k, v in footer.items()
+            if k.startswith(sink.META_PREFIX) and k != sink.META_PREFIX + "sources"
+        },
+        sorting_columns=sorting,
+        columns=columns,
+        row_groups=row_groups,
+        hosts=dict(sorted(hosts.items())),
+        metrics=sorted(m for m in metrics if m is not None),
+        time_min=tmin,
+        time_max=tmax,
+        sources=sink.footer_sources(footer),
+    )
+
+
+# --- query --------------------------------------------------------------------------------
+
+
+@dataclass
+class QueryPlan:
+    """What a query reads: the files, and the row groups statistics could not rule out."""
+
+    archive: str
+    files: list[str]
+    row_groups_total: int
+    row_groups_selected: int
+    dataset: ds.Dataset | None = field(default=None, repr=False)
+    filter: ds.Expression | None = field(default=None, repr=False)
+
+
+def parse_time(text: str) -> int:
+    """A Unix timestamp from `1742380800`, `2026-03-19`, `2026-03-19T12:00` or `...Z`.
+
+    Times without a zone are UTC, like the timestamps in the archive.
+    """
+    s = text.strip()
+    if s.lstrip("-").isdigit():
+        return int(s)
+    try:
+        moment = datetime.fromisoformat(s)
+    except ValueError:
+        raise ValueError(
+            f"invalid time {text!r} (expected a Unix timestamp or ISO 8601, e.g. 2026-03-19T12:00Z)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
+
+
+def _any_of(name: str, values: Sequence[str]) -> ds.Expression:
+    import pyarrow.dataset as ds
+
+    # An OR of equalities rather than is_in: each term is checked against the row group's
+    # min/max statistics, so row groups of other hosts and metrics are never read.
+    expr = ds.field(name) == values[0]
+    for v in values[1:]:
+        expr = expr | (ds.field(name) == v)
+    return expr
+
+
+def archive_files(archive: str, clusters: Sequence[str] | None = None) -> list[str]:
+    """The published archives `<archive>/<cluster>/<T>.parquet`, in cluster and cutoff order."""
+    found: list[str] = []
+    for cluster in clusters or _subdirs(archive):
+        fs, path = storage.filesystem(storage.join(archive, check_name(cluster, "cluster")))
+        if not fs.exists(path):
+            continue
+        names = []
+        for p in fs.ls(path, detail=False):
+            stem, _, ext = _name_of(p).rpartition(".")
+            if ext == "parquet" and stem.isascii() and stem.isdigit():
+                names.append((int(stem), _name_of(p)))
+        found.extend(storage.join(archive, cluster, n) for _, n in sorted(names))
+    return found
+
+
+def plan_query(
+    archive: str,
+    clusters: Sequence[str] | None = None,
+    hosts: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+    start: int | None = None,
+    end: int | None = None,
+    progress: ProgressFn = _noop,
+) -> QueryPlan:
+    """Select files by cluster and row groups by statistics; `start` <= timestamp < `end`.
+
+    Reads only footers. Row groups whose host, metric or time range cannot match are
+    dropped here, before any data is read.
+    """
+    import pyarrow.dataset as ds
+
+    files = archive_files(archive, clusters)
+    plan = QueryPlan(archive, files, 0, 0)
+    conditions: list[ds.Expression] = []
+    if hosts:
+        conditions.append(_any_of("hostname", hosts))
+    if metrics:
+        conditions.append(_any_of("metric", metrics))
+    if start is not None:
+        conditions.append(ds.field("timestamp") >= start)
+    if end is not None:
+        conditions.append(ds.field("timestamp") < end)
+    expr: ds.Expression | None = None
+    for c in conditions:
+        expr = c if expr is None else expr & c
+    plan.filter = expr
+    if not files:
+        return plan
+    fs, _ = storage.filesystem(files[0])
+    paths = [storage.filesystem(u)[1] for u in files]
+    parquet = ds.ParquetFileFormat()
+    whole = ds.dataset(paths, format=parquet, filesystem=fs)
+    selected: list[ds.Fragment] = []
+    for i, fragment in enumerate(whole.get_fragments()):
+        plan.row_groups_total += fragment.metadata.num_row_groups
+        parts = fragment.split_by_row_group(expr) if expr is not None else [fragment]
+        if expr is None:
+            plan.row_groups_selected += fragment.metadata.num_row_groups
+        else:
+            plan.row_groups_selected += len(parts)
+        selected.extend(parts)
+        progress(i + 1, len(files))
+    plan.dataset = ds.FileSystemDataset(selected, whole.schema, parquet, whole.filesystem)
+    return plan
+
+
+def query_batches(plan: QueryPlan, limit: int | None = None) -> Iterator[pa.RecordBatch]:
+    """The matching rows, batch by batch, in file order (each file sorted by host, metric,
+    scope, scope_id, timestamp); at most `limit` rows."""
+    if plan.dataset is None:
+        return
+    left = limit
+    for batch in plan.dataset.to_batches(filter=plan.filter):
+        if left is not None:
+            if left <= 0:
+                return
+            if batch.num_rows > left:
+                batch = batch.slice(0, left)
+            left -= batch.num_rows
+        if batch.num_rows:
+            yield batch
+
+
+__all__ = [
+    "ArchiveSummary",
+    "ClusterStatus",
+    "ColumnInfo",
+    "Inspection",
+    "PendingFile",
+    "QueryPlan",
+    "RowGroupInfo",
+    "RunRecord",
+    "Status",
+    "archive_files",
+    "cluster_status",
+    "inspect_file",
+    "iso",
+    "parse_time",
+    "plan_query",
+    "query_batches",
+    "read_runs",
+    "record_run",
+    "run_outcome",
+    "status",
+    "to_json",
+]
