@@ -178,21 +178,24 @@ def _writer(sink: BinaryIO, options: ParquetOptions) -> pq.ParquetWriter:
     #   dictionary costs more CPU for +3 % bytes;
     # - write_batch_size: Arrow computes dictionary statistics per batch (a hash of the
     #   indices); its default batch of 1024 rows made statistics 40 % of the write.
-    return pq.ParquetWriter(
-        sink,
-        _WRITE_SCHEMA,
-        store_schema=False,
-        compression="zstd",
-        compression_level=options.zstd_level,
-        use_dictionary=[*_STRING_COLUMNS, "frequency"],
-        column_encoding={"timestamp": "DELTA_BINARY_PACKED", "value": "PLAIN"},
-        write_statistics=True,
-        write_page_index=True,
-        data_page_size=options.data_page_bytes,
-        max_rows_per_page=options.page_rows,
-        write_batch_size=options.page_rows,
-        sorting_columns=[pq.SortingColumn(ARCHIVE_SCHEMA.get_field_index(c)) for c in SORT_KEY],
-    )
+    return pq.ParquetWriter(sink, _WRITE_SCHEMA, **_writer_options(options))
+
+
+def _writer_options(options: ParquetOptions) -> dict[str, Any]:
+    """ParquetWriter keyword arguments (bench/probes.py varies them one at a time)."""
+    return {
+        "store_schema": False,
+        "compression": "zstd",
+        "compression_level": options.zstd_level,
+        "use_dictionary": [*_STRING_COLUMNS, "frequency"],
+        "column_encoding": {"timestamp": "DELTA_BINARY_PACKED", "value": "PLAIN"},
+        "write_statistics": True,
+        "write_page_index": True,
+        "data_page_size": options.data_page_bytes,
+        "max_rows_per_page": options.page_rows,
+        "write_batch_size": options.page_rows,
+        "sorting_columns": [pq.SortingColumn(ARCHIVE_SCHEMA.get_field_index(c)) for c in SORT_KEY],
+    }
 
 
 def write_parquet(
