@@ -81,8 +81,8 @@ def archive_cluster(root: str, cluster: str, out_dir: str) -> tuple[int, str | N
                 with open(path) as f:
                     add(host, json.load(f), "node", "")
             elif fname.endswith(".bin"):
-                with open(path, "rb") as f:
-                    add(host, read_binary(f.read()), "node", "")
+                with open(path, "rb") as fb:
+                    add(host, read_binary(fb.read()), "node", "")
     rows = len(cols["value"])
     if not rows:
         return 0, None

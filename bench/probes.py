@@ -218,6 +218,77 @@ def pyarrow_write(args: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def parquet_sweep(args: dict[str, Any]) -> dict[str, Any]:
+    """The archive's rows written with our writer settings, then with one setting changed.
+
+    Same rows (from the staged chunks), same row groups; bytes per row and M rows per
+    CPU-second of the writer alone. The evidence behind sink._writer_options.
+    """
+    import io
+
+    import pyarrow.parquet as pq
+
+    from workers import sink, staging
+
+    manifests = json.loads(Path(args["manifests"]).read_text())
+    tables = [
+        t
+        for m in manifests
+        if m["chunk"]
+        for t in sink._row_groups(
+            m["cluster"], m["host"], staging.read_chunk(m["chunk"]), 1_048_576
+        )
+    ]
+    rows = sum(t.num_rows for t in tables)
+    strings = [*sink._STRING_COLUMNS, "frequency"]
+    variants: dict[str, dict[str, Any]] = {
+        "chosen (sink._writer_options)": {},
+        "value: BYTE_STREAM_SPLIT": {
+            "column_encoding": {"timestamp": "DELTA_BINARY_PACKED", "value": "BYTE_STREAM_SPLIT"}
+        },
+        "value: dictionary": {
+            "column_encoding": {"timestamp": "DELTA_BINARY_PACKED"},
+            "use_dictionary": [*strings, "value"],
+        },
+        "timestamp: PLAIN": {"column_encoding": {"timestamp": "PLAIN", "value": "PLAIN"}},
+        "zstd level 1": {"compression_level": 1},
+        "zstd level 6": {"compression_level": 6},
+        "zstd level 9": {"compression_level": 9},
+        "pages of 20,000 rows (pyarrow's default)": {
+            "max_rows_per_page": 20_000,
+            "write_batch_size": 20_000,
+        },
+        "pages of 1 Mi rows": {"max_rows_per_page": 1 << 20, "write_batch_size": 1 << 20},
+        "write batches of 1,024 rows (pyarrow's default)": {"write_batch_size": 1024},
+        "statistics on every column": {"write_statistics": True},
+        "no statistics, no page index": {"write_statistics": False, "write_page_index": False},
+        "pyarrow defaults + zstd (dictionary everywhere)": {
+            "use_dictionary": True,
+            "column_encoding": None,
+            "compression_level": None,
+            "max_rows_per_page": None,
+            "write_batch_size": None,
+            "write_page_index": False,
+        },
+    }
+    out: dict[str, Any] = {}
+    for t in tables[:2]:  # warm up: first-use costs would land on the first variant
+        pq.ParquetWriter(
+            io.BytesIO(), t.schema, **sink._writer_options(sink.ParquetOptions())
+        ).write_table(t)
+    for label, change in variants.items():
+        kwargs = {**sink._writer_options(sink.ParquetOptions()), **change}
+        buf = io.BytesIO()
+        cpu = time.process_time()
+        writer = pq.ParquetWriter(buf, tables[0].schema, **kwargs)
+        for t in tables:
+            writer.write_table(t, row_group_size=1_048_576)
+        writer.close()
+        cpu = time.process_time() - cpu
+        out[label] = {"bytes_per_row": len(buf.getvalue()) / rows, "rows_per_cpu_s": rows / cpu}
+    return {"variants": out, "rows_out": rows, "cpu": 1.0, "wall": 1.0, "rss_mb": 0.0}
+
+
 def run(args: dict[str, Any]) -> dict[str, Any]:
     """The whole embedded run (load, finalize, delete) with N worker processes."""
     from workers.runner import RunOptions
@@ -260,6 +331,7 @@ PROBES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "finalize": finalize,
     "naive": naive,
     "pyarrow_write": pyarrow_write,
+    "parquet_sweep": parquet_sweep,
     "run": run,
 }
 

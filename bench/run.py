@@ -49,7 +49,9 @@ def _probe(name: str, args: dict[str, Any]) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def _repeat(name: str, args: dict[str, Any], times: int, fresh: list[str] = ()) -> dict[str, Any]:
+def _repeat(
+    name: str, args: dict[str, Any], times: int, fresh: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Median (by CPU time) of `times` runs; `fresh` names directories emptied before each."""
     runs = []
     for _ in range(times):
@@ -118,14 +120,13 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
     steps: dict[str, dict[str, Any]] = {}
     n = opts.repeat
 
-    def step(key: str, name: str, args: dict[str, Any], fresh: list[str] = ()) -> None:
+    def step(key: str, name: str, args: dict[str, Any], fresh: tuple[str, ...] = ()) -> None:
         print(f"  {key} ...", end=" ", flush=True)
         r = _repeat(name, args, n, fresh)
         r.setdefault("rows_out", rows)
         steps[key] = r
-        print(
-            f"{r['rows_out'] / r['cpu'] / 1e6:.2f} M rows/CPU-s, {r['rss_mb']:.0f} MB", flush=True
-        )
+        rate = "" if key == "noop" else f"{r['rows_out'] / r['cpu'] / 1e6:.2f} M rows/CPU-s, "
+        print(f"{rate}{_peak(r):.0f} MB", flush=True)
 
     step("noop", "noop", {})
     for fmt, suffix in (("json", ".json"), ("bin", ".bin")):
@@ -141,7 +142,7 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
             "run_id": "bench",
             "manifests": str(work / f"manifests-{fmt}.json"),
         }
-        step(f"load_{fmt}", "load", args, fresh=["staging"])
+        step(f"load_{fmt}", "load", args, fresh=("staging",))
     step(
         "finalize",
         "finalize",
@@ -151,13 +152,20 @@ def measure(opts: argparse.Namespace) -> dict[str, Any]:
             "run_id": "bench",
             "archive": str(work / "archive-finalize"),
         },
-        fresh=["archive"],
+        fresh=("archive",),
     )
     step(
         "pyarrow_write",
         "pyarrow_write",
         {"manifests": str(work / "manifests-json.json"), "out": str(work / "probe-write")},
     )
+    print("  parquet settings sweep ...", flush=True)
+    try:
+        res["parquet_sweep"] = _probe(
+            "parquet_sweep", {"manifests": str(work / "manifests-json.json")}
+        )["variants"]
+    except RuntimeError as exc:  # e.g. measuring an older tree without _writer_options
+        print(f"    skipped: {str(exc).splitlines()[-1]}", flush=True)
     step("naive", "naive", {"tree": str(trees["json"]), "out": str(work / "naive-out")})
     for fmt in ("json", "bin"):
         for w in (1, 2):
@@ -184,14 +192,15 @@ def scaling(opts: argparse.Namespace, work: Path, cutoff: int) -> list[dict[str,
         print(f"scaling: {hosts} hosts ...", end=" ", flush=True)
         tree = work / "scale-tree"
         gen = _generate(tree, hosts, "bin", opts.scaling_samples, opts.seed)
-        load_args = {
+        staging = work / "scale-staging"
+        load_args: dict[str, Any] = {
             "tree": str(tree),
             "cutoff": cutoff,
             "staging": str(work / "scale-staging"),
             "run_id": "bench",
             "manifests": str(work / "scale-manifests.json"),
         }
-        shutil.rmtree(load_args["staging"], ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         ld = _probe("load", load_args)
         shutil.rmtree(tree)
         archive = work / "scale-archive"
@@ -205,7 +214,7 @@ def scaling(opts: argparse.Namespace, work: Path, cutoff: int) -> list[dict[str,
                 "archive": str(archive),
             },
         )
-        shutil.rmtree(load_args["staging"], ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(archive, ignore_errors=True)
         row = {
             "hosts": hosts,
@@ -255,7 +264,7 @@ def ratios(res: dict[str, Any]) -> list[tuple[str, float, str]]:
         (
             "binary decode (our reader) / read-bytes probe",
             rate("decode_bin") / rate("read_bin"),
-            "memory-copy class",
+            "values never copied",
         ),
         ("binary load / JSON load", rate("load_bin") / rate("load_json"), ""),
         ("finalize / pyarrow plain-zstd write probe", rate("finalize") / rate("pyarrow_write"), ""),
@@ -367,6 +376,16 @@ def render(res: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
         for what, value, target in ratios(res):
             extra = f" {before.get(what, float('nan')):.2f} |" if baseline else ""
             lines.append(f"| {what} | {value:.2f} | {target} |{extra}")
+    if res.get("parquet_sweep"):
+        lines += [
+            "",
+            "| Parquet writer settings (same rows) | bytes / row | M rows / CPU-s |",
+            "|---|---:|---:|",
+        ]
+        for label, v in res["parquet_sweep"].items():
+            lines.append(
+                f"| {label} | {v['bytes_per_row']:.3f} | {v['rows_per_cpu_s'] / 1e6:.1f} |"
+            )
     if res.get("scaling"):
         lines += [
             "",

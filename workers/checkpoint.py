@@ -224,9 +224,10 @@ def _series(
 # else (strings, nesting, keys, trailing bytes) and the same walker runs on the skeleton.
 #
 # Tokens: byte rules (character classes and neighbours) admit exactly the JSON number
-# grammar and `null`, except for a repeated "." or exponent inside one token, which the
-# float parser then rejects. pyarrow's string -> float64 cast (fast_float: correctly
-# rounded for any number of digits) converts them; SPEC §3 wants exactly that float64.
+# grammar and `null`, except for a second "." or exponent in one token or a "." after the
+# exponent, which the float parser then rejects. pyarrow's string -> float64 cast
+# (fast_float: correctly rounded for any number of digits) converts them; SPEC §3 wants
+# exactly that float64, then rounded to float32.
 
 _JSON_SPACE = (b" ", b"\t", b"\n", b"\r")
 _COMMA, _OPEN, _CLOSE, _QUOTE = ord(","), ord("["), ord("]"), ord('"')
@@ -260,6 +261,8 @@ def _parse_json_fast(data: bytes) -> list[Series]:
 def _flat_spans(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions of "[" and "]" of every array outside strings that holds no "["."""
     marks = np.flatnonzero((buf == _QUOTE) | (buf == _OPEN) | (buf == _CLOSE))
+    if not len(marks):
+        return marks, marks  # no strings, no arrays: nothing to decode
     kind = buf[marks]
     quote = kind == _QUOTE
     # Without backslashes every quote opens or closes a string: a bracket is inside a

@@ -57,8 +57,8 @@ class ParquetOptions:
     zstd_level: int = 3
     data_page_bytes: int = 1 << 20
     #: Rows per data page: the page index's granularity. 64 Ki rows is about one metric of
-    #: a host's hardware threads; pyarrow's default of 20 000 costs 7 % more bytes and
-    #: 15 % more CPU on generated data for finer page skipping than queries need.
+    #: a host's hardware threads; pyarrow's default of 20 000 costs 6 % more bytes and
+    #: 9 % more writer CPU on generated data for finer page skipping than queries need.
     page_rows: int = 65_536
 
 
@@ -169,16 +169,26 @@ def _with_names(cluster: str, host: str, table: pa.Table) -> pa.Table:
 
 
 def _writer(sink: BinaryIO, options: ParquetOptions) -> pq.ParquetWriter:
-    # Chosen by measurement on generated data (bench/README.md, "Parquet settings"):
+    # Chosen by measurement on generated data (bench/README.md, "Parquet writer settings"):
     # - strings and frequency: dictionary (the chunks arrive dictionary-encoded, so no
-    #   hashing), sorted rows make the indices long runs;
-    # - timestamp: DELTA_BINARY_PACKED, 0.03 bytes/row against 0.07 for plain + zstd;
+    #   hashing); sorted rows make the indices long runs;
+    # - timestamp: DELTA_BINARY_PACKED, 0.02 bytes/row against 0.03 for plain + zstd;
     # - value: PLAIN + zstd. One-decimal readings repeat their float32 bit patterns, which
-    #   zstd finds in plain data; BYTE_STREAM_SPLIT scatters them (+25 % bytes) and a
-    #   dictionary costs more CPU for +3 % bytes;
+    #   zstd finds in plain data; BYTE_STREAM_SPLIT scatters them (+24 % file size) and a
+    #   dictionary costs +9 % size and 10 % more writer CPU;
+    # - pages of 64 Ki rows: pyarrow's 20 000 cost +6 % size, one page per chunk would
+    #   leave the page index nothing to skip within a host;
     # - write_batch_size: Arrow computes dictionary statistics per batch (a hash of the
-    #   indices); its default batch of 1024 rows made statistics 40 % of the write.
+    #   indices); its default of 1024 rows costs 15 % more writer CPU;
+    # - statistics (and so the page index's min/max) only where they can skip data:
+    #   hostname (verify() reads them too), metric, timestamp, frequency, value. cluster
+    #   is constant per file and every host's row group holds every scope: statistics on
+    #   them would skip nothing and cost 16 % more writer CPU;
+    # - zstd level 3: level 1 is +7 % size, level 6 saves 5 % for 40 % more writer CPU.
     return pq.ParquetWriter(sink, _WRITE_SCHEMA, **_writer_options(options))
+
+
+_STATISTICS = ("hostname", "metric", "timestamp", "frequency", "value")
 
 
 def _writer_options(options: ParquetOptions) -> dict[str, Any]:
@@ -189,7 +199,7 @@ def _writer_options(options: ParquetOptions) -> dict[str, Any]:
         "compression_level": options.zstd_level,
         "use_dictionary": [*_STRING_COLUMNS, "frequency"],
         "column_encoding": {"timestamp": "DELTA_BINARY_PACKED", "value": "PLAIN"},
-        "write_statistics": True,
+        "write_statistics": list(_STATISTICS),
         "write_page_index": True,
         "data_page_size": options.data_page_bytes,
         "max_rows_per_page": options.page_rows,
