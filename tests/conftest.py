@@ -13,7 +13,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="run N randomized fault trials per crash point",
+        help="run N randomized fault trials per crash point (embedded) and per distributed fault",
     )
 
 
@@ -24,6 +24,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         trials = metafunc.config.getoption("stress") or 1
         params = [(point, 7919 * t + i) for i, point in enumerate(POINTS) for t in range(trials)]
         metafunc.parametrize("stress_trial", params, ids=[f"{p}-{s}" for p, s in params])
+    if "distributed_trial" in metafunc.fixturenames:
+        # Seconds each, with real Redis and workers: N per fault only with --stress N (the
+        # deterministic tests of tests/test_faults_distributed.py cover every fault in CI).
+        from tests.stress_distributed import FAULTS
+
+        trials = metafunc.config.getoption("stress")
+        dist = [(fault, 7919 * t + i) for i, fault in enumerate(FAULTS) for t in range(trials)]
+        if not dist:  # CI: one seeded trial of the first fault, so the harness itself is run
+            dist = [(FAULTS[0], 1)]
+        metafunc.parametrize("distributed_trial", dist, ids=[f"{f}-{s}" for f, s in dist])
 
 
 @pytest.fixture(autouse=True)

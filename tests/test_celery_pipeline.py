@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
+from tests import distributed_harness as harness
 from tests.fixtures_redis import (
     CCARCHIVE,
     CELERY,
@@ -491,6 +492,8 @@ def test_a_worker_killed_mid_task_still_archives_every_value_once(
     cluster = "crash-" + point.replace(":", "-")
     files = {h: write_host(c.checkpoints, cluster, h, 70 + i) for i, h in enumerate(["c1", "c2"])}
     expected = expected_rows(files, cluster)
+    every_file = harness.expected_rows(c.checkpoints)  # the oracle's rows per file
+    before = snapshot(c.checkpoints)
     c.fault_file.write_text(point)  # the first worker process reaching `point` is SIGKILLed
 
     done = c.cli("--cutoff", str(NOW - 3600), "--cluster", cluster)
@@ -499,6 +502,18 @@ def test_a_worker_killed_mid_task_still_archives_every_value_once(
     assert done.returncode == 0, done.stderr
     assert archive_rows(only_parquet(c.archive, cluster)) == expected
     assert not any(p.exists() for ps in files.values() for p in ps)
+    # The whole invariant (SPEC §6), then once more after the next run: every value exactly
+    # once, every other file untouched, every visible archive complete.
+    damage = harness.measure(
+        c.checkpoints, str(c.archive), every_file, before, NOW - 3600, cluster=cluster
+    )
+    assert damage.ok and damage.files_left == 0, damage
+    nxt = c.cli("--cutoff", str(NOW - 3000), "--cluster", cluster)
+    assert nxt.returncode == 0, nxt.stderr
+    damage = harness.measure(
+        c.checkpoints, str(c.archive), every_file, before, NOW - 3000, cluster=cluster
+    )
+    assert damage.ok and damage.files_left == 0, damage
 
 
 @pytest.mark.timeout(60)

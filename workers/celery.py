@@ -19,7 +19,7 @@ from .config import Settings, load_settings, parse_duration
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration for the archiver's long, idempotent tasks, and why each setting."""
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "result_backend": settings.results_url,
         # SPEC §6.6: messages are JSON only. A pickle payload would let anyone who can write
@@ -53,15 +53,33 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Redis redelivers a message that was taken but not acked after this long. It must
         # exceed the longest task (a big cluster's finalize), or a healthy task would be
         # run a second time next to itself.
-        "broker_transport_options": {
-            "visibility_timeout": parse_duration(settings.visibility_timeout)
-        },
+        "broker_transport_options": _transport_options(settings),
         "result_backend_transport_options": {
             "visibility_timeout": parse_duration(settings.visibility_timeout)
         },
         # With late acks, a lost broker connection means the running tasks will be delivered
-        # again: cancel them instead of finishing them twice (the Celery 6 default).
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # again (after the visibility timeout). Celery 6 will cancel them by default; not
+        # here. Cancelling records the task as a retry in the result backend, which is the
+        # same Redis and just as unreachable: the record fails, the task then counts as
+        # REVOKED and its chord breaks, so a Redis restart would leave the run stuck on its
+        # cluster lock until the lock expires. Finishing instead lets the chord go on as soon
+        # as Redis is back; the second delivery is harmless (every task is idempotent, and
+        # the result backend ignores a second result for a chord member).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # A finished task whose result cannot be stored fails, and so does its chord: retry
+        # while Redis is unreachable (a restart) instead, with exponential back-off capped
+        # at 10 s, about five minutes in all. Chords are how a run moves on.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 60,
+        # Tasks send the next stage's messages themselves (chords): a finalize that
+        # published its archive must not fail because Redis is restarting just then. Keep
+        # trying for about a minute (Celery's default gives up after 0.6 s).
+        "task_publish_retry_policy": {
+            "max_retries": 30,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        },
         # Workers may start before Redis (docker compose): keep retrying instead of exiting.
         "broker_connection_retry_on_startup": True,
         # Queues: unrouted work goes to the default queue; routed per-host tasks name their
@@ -71,6 +89,38 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Workers log in UTC like the timestamps in the file names.
         "enable_utc": True,
         "timezone": "UTC",
+    }
+    # rediss:// (TLS): kombu would otherwise connect to a rediss:// broker *without*
+    # verifying the server certificate (it only logs a warning), and the result backend
+    # refuses a rediss:// URL without `ssl_cert_reqs`. Verify always, against the CA bundle
+    # CCARCHIVE_REDIS_CA_CERT (or the system's CAs); `ssl_*` parameters in a URL still win.
+    broker_tls = settings.redis_tls(settings.broker_url)
+    if broker_tls is not None:
+        config["broker_use_ssl"] = broker_tls
+    results_tls = settings.redis_tls(settings.results_url)
+    if results_tls is not None:
+        config["redis_backend_use_ssl"] = results_tls
+    return config
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis transport options: the visibility timeout and how soon lost messages return.
+
+    A message whose worker vanished (killed, or cancelled when Redis restarted) stays in
+    Redis's `unacked` set and is put back in its queue by a periodic sweep once it is older
+    than the visibility timeout. kombu sweeps every `interval * throttle` seconds (100 s by
+    default) under a mutex that expires after 300 s; a mutex held when Redis died survives
+    a restart with an append-only file and would block every sweep that long. Both scale
+    down with the timeout here: a lost task returns after about 1.25 times the timeout,
+    whatever it is (the defaults for the default 2 h).
+    """
+    timeout = parse_duration(settings.visibility_timeout)
+    interval = max(1.0, min(10.0, timeout / 40))
+    return {
+        "visibility_timeout": timeout,
+        "unacked_restore_interval": interval,
+        "unacked_restore_throttle": max(1, min(10, int(timeout / (4 * interval)))),
+        "unacked_mutex_expire": int(max(5.0, min(300.0, timeout))),
     }
 
 

@@ -13,11 +13,13 @@ import hashlib
 import json
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -68,7 +70,13 @@ def parse_duration(text: str) -> float:
 
 
 class Settings(BaseSettings):
-    """All settings of the archiver; env vars are the field names upper-cased, prefixed CCARCHIVE_."""
+    """All settings of the archiver; env vars are the field names upper-cased, prefixed CCARCHIVE_.
+
+    Documented for operators in docs/operations.md (every setting, where it can come from),
+    docs/distributed.md (broker, queues, routes, timeouts, Redis password and TLS) and
+    docs/s3.md (`s3_*`). Secrets (`s3_secret_access_key`, `s3_session_token`) are
+    SecretStr; a password in `broker_url`/`result_backend` is masked in `repr()`.
+    """
 
     model_config = SettingsConfigDict(env_prefix="CCARCHIVE_", extra="ignore")
 
@@ -119,8 +127,16 @@ class Settings(BaseSettings):
     interval: str | None = None  # beat interval; defaults to the retention
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
+    # redis:// or rediss:// (TLS); a password goes in the URL: redis://:PASSWORD@host:6379/0.
+    # Log lines, `repr(settings)` and task messages only ever show it masked (`mask_url`).
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None  # defaults to the broker
+    # TLS for rediss:// URLs (broker, results, locks). The server certificate is always
+    # verified: against this CA bundle (PEM), or the system's CAs when unset. A URL's own
+    # `ssl_*` query parameters (Celery style, e.g. ?ssl_cert_reqs=CERT_REQUIRED) win.
+    redis_ca_cert: str | None = None
+    redis_client_cert: str | None = None  # mutual TLS (`tls-auth-clients yes`): PEM cert
+    redis_client_key: str | None = None  # ... and its key
 
     # Distributed pipeline (workers.celery, workers.tasks); see docs/distributed.md.
     default_queue: str = "celery"  # plan, discovery, launch, and hosts no route matches
@@ -229,10 +245,79 @@ class Settings(BaseSettings):
         """Where Celery keeps task results."""
         return self.result_backend or self.broker_url
 
+    def redis_tls(self, url: str) -> dict[str, Any] | None:
+        """TLS options for a rediss:// URL, None for any other: the form Celery takes as
+        `broker_use_ssl`/`redis_backend_use_ssl` and redis-py as keyword arguments."""
+        if not url.lower().startswith("rediss://"):
+            return None
+        options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        for key, value in (
+            ("ssl_ca_certs", self.redis_ca_cert),
+            ("ssl_certfile", self.redis_client_cert),
+            ("ssl_keyfile", self.redis_client_key),
+        ):
+            if value:
+                options[key] = value
+        return options
+
+    def __repr_args__(self) -> Any:
+        # Settings get printed in errors and debug output: never with a Redis password.
+        for name, value in super().__repr_args__():
+            if name in ("broker_url", "result_backend") and isinstance(value, str):
+                value = mask_url(value)
+            yield name, value
+
     @property
     def ipc_compression(self) -> str | None:
         """Arrow IPC codec for staging chunks (None = uncompressed)."""
         return None if self.chunk_compression == "none" else self.chunk_compression
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password (if any) replaced by `**`, for log lines and messages."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url if "@" not in url else "<url with credentials>"
+    if not password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:**@{host}"))
+
+
+_CERT_REQS = {
+    "required": ssl.CERT_REQUIRED,
+    "optional": ssl.CERT_OPTIONAL,
+    "none": ssl.CERT_NONE,
+}
+
+
+def redis_client(url: str, settings: Settings) -> Any:
+    """A redis-py client for a broker URL, with the same TLS settings Celery uses.
+
+    redis-py reads `ssl_*` query parameters itself but knows only `required`/`optional`/
+    `none` for `ssl_cert_reqs`; Celery's documented spelling is `CERT_REQUIRED`. Both work
+    here: the parameters are taken out of the URL and passed as keyword arguments.
+    """
+    import redis  # deferred: the embedded runner never needs it
+
+    options = settings.redis_tls(url) or {}
+    parts = urlsplit(url)
+    query = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "ssl_cert_reqs":
+            name = value.lower().removeprefix("cert_")
+            if name not in _CERT_REQS:
+                raise ValueError(f"invalid ssl_cert_reqs {value!r} in the Redis URL")
+            options[key] = _CERT_REQS[name]
+        elif key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            options[key] = value
+        else:
+            query.append((key, value))
+    plain = urlunsplit(parts._replace(query=urlencode(query)))
+    return redis.Redis.from_url(plain, **options)
 
 
 # --- configuration files --------------------------------------------------------------
@@ -249,7 +334,17 @@ _ORIGINS: ContextVar[dict[str, str] | None] = ContextVar("ccarchive_config_origi
 
 #: Fields holding local paths: relative ones in a file are relative to that file's directory.
 _PATH_FIELDS = frozenset(
-    {"checkpoints", "archive", "staging", "metrics_textfile", "cc_backend_config", "run_log"}
+    {
+        "checkpoints",
+        "archive",
+        "staging",
+        "metrics_textfile",
+        "cc_backend_config",
+        "run_log",
+        "redis_ca_cert",
+        "redis_client_cert",
+        "redis_client_key",
+    }
 )
 
 

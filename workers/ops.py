@@ -133,6 +133,12 @@ def record_run(
     """
     if not run_log:
         return None
+    try:  # both are part of the record's path; a report from a message may carry anything
+        check_name(report.cluster, "cluster")
+        check_name(report.run_id, "run id")
+    except UnsafeName as exc:
+        log.warning("no run record: %r", str(exc))
+        return None
     ended = time.time() if finished is None else finished
     record = RunRecord(
         run_id=report.run_id,

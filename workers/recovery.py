@@ -19,14 +19,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import sink, storage
 from .checkpoint import checkpoint_timestamp
 from .manifest import BadFile
-from .steps import host_dir
+from .steps import check_name, host_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def _entry_age(info: dict[str, Any], now: float) -> float:
 
 def committed_archives(archive: str, cluster: str, min_cutoff: int) -> list[str]:
     """URLs of the cluster's published archives with cutoff >= min_cutoff, oldest first."""
+    check_name(cluster, "cluster")
     fs, path = storage.filesystem(storage.join(archive, cluster))
     if not fs.exists(path):
         return []
@@ -92,6 +93,7 @@ def recover_cluster(
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
 ) -> Recovery:
     """Finish deletions of committed archives and sweep stale temporary files of one cluster."""
+    check_name(cluster, "cluster")  # even with no host: the archive sweep below uses it
     result = Recovery(cluster)
     if archive is None:
         return result
@@ -141,11 +143,17 @@ def _finish_deletion(
 
 
 def _sweep_partials(archive: str, cluster: str, grace_seconds: float, result: Recovery) -> None:
-    """Remove temporary archive files (`.<T>.parquet.<id>.partial`) left by dead runs."""
-    fs, path = storage.filesystem(storage.join(archive, cluster))
+    """Remove temporary archive files (`.<T>.parquet.<id>.partial`) left by dead runs, and
+    on S3 their equivalent: multipart uploads a dead run started and could not abort."""
+    now = time.time()
+    url = storage.join(archive, cluster)
+    # The next exclusive create of the same key aborts such an upload anyway; one for a
+    # cutoff no run uses again would stay, stored and billed, but invisible, forever.
+    for key in storage.abort_uploads(url, older_than=_before(now - grace_seconds)):
+        result.orphans_removed.append(key)
+    fs, path = storage.filesystem(url)
     if not fs.exists(path):
         return
-    now = time.time()
     for info in fs.ls(path, detail=True):
         name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
         if (
@@ -157,22 +165,35 @@ def _sweep_partials(archive: str, cluster: str, grace_seconds: float, result: Re
             result.orphans_removed.append(str(info["name"]))
 
 
+def _before(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, tz=UTC)
+
+
 def sweep_staging(
     staging: str, keep_run_id: str | None, grace_seconds: float = DEFAULT_GRACE_SECONDS
 ) -> list[str]:
-    """Remove staging runs (`<staging>/<run_id>/`) untouched for longer than the grace period."""
+    """Remove staging runs (`<staging>/<run_id>/`) untouched for longer than the grace
+    period, and (S3) chunk uploads that dead workers started longer ago than that."""
+    now = time.time()
+    # An upload a worker died in is invisible to listings: a run prefix holding only such
+    # parts is not even listed below. Live runs' uploads are younger than the grace period.
+    removed = storage.abort_uploads(staging, older_than=_before(now - grace_seconds))
     fs, path = storage.filesystem(staging)
     if not fs.exists(path):
-        return []
-    now = time.time()
-    removed: list[str] = []
+        return removed
     for run in fs.ls(path, detail=False):
         if run.rstrip("/").rsplit("/", 1)[-1] == keep_run_id:
             continue
         entries = list(fs.find(run, detail=True, withdirs=True).values())
         if storage.is_local(fs):
             entries.append(fs.info(run))  # an empty, just-made run directory is young too
-        if entries and min(_entry_age(info, now) for info in entries) > grace_seconds:
-            fs.rm(run, recursive=True)
+        # S3 "directories" are only prefixes, without a time: the objects below decide.
+        ages = [_entry_age(info, now) for info in entries if _has_time(info)]
+        if ages and min(ages) > grace_seconds:
+            storage.remove_tree(storage.join(staging, run.rstrip("/").rsplit("/", 1)[-1]))
             removed.append(run)
     return removed
+
+
+def _has_time(info: dict[str, Any]) -> bool:
+    return any(info.get(k) for k in ("mtime", "LastModified", "created"))

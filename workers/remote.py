@@ -10,17 +10,22 @@ configuration; the client only needs to reach Redis.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from .config import Settings
+from .config import Settings, mask_url, redis_client
 from .manifest import ClusterReport
+
+log = logging.getLogger(__name__)
 
 #: progress(event, cluster, detail), as in `workers.runner`.
 ProgressFn = Callable[[str, str, dict[str, Any]], None]
@@ -28,6 +33,16 @@ ProgressFn = Callable[[str, str, dict[str, Any]], None]
 #: How long the client waits for a cluster's report after its finalize failed: the failing
 #: finalize sends that report first, so it only goes missing if something else broke too.
 REPORT_GRACE_SECONDS = 60.0
+#: While nothing arrives, the client checks this often that the run is still alive.
+LIVENESS_SECONDS = 5.0
+#: A cluster whose lock the run no longer holds, yet without a report after this long, was
+#: lost (Redis restarted without its data, or the lock expired): its files stay in place.
+LOST_RUN_SECONDS = 15.0
+#: How long the client waits for an unreachable broker before it gives up following.
+BROKER_OUTAGE_SECONDS = 300.0
+
+#: What a broker or result backend that went away raises.
+BROKER_ERRORS = (redis.RedisError, OperationalError, OSError)
 
 
 class RemoteError(Exception):
@@ -45,6 +60,78 @@ class RemoteRun:
     errors: list[str] = field(default_factory=list)  # run-level (e.g. a queue's discovery)
     finalize_seconds: dict[str, float] = field(default_factory=dict)  # cluster -> seconds
     seconds: float = 0.0  # from sending the planning task to the last report
+
+
+class _Liveness:
+    """Tells a run that is merely slow from one that can no longer finish.
+
+    The workers do not report progress to the client, but two facts on the broker's Redis
+    say a run is gone: the server restarted without persistence (its queued messages,
+    chord counters and locks went with it), or a cluster's lock no longer names the run
+    (taken over after it expired, or lost in a restart). Broker outages are survived up to
+    BROKER_OUTAGE_SECONDS: with persistence, the run goes on once Redis is back.
+    """
+
+    def __init__(self, client: Any, run_id: str | None = None) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.server = self._server_id()
+        self.unreachable_since: float | None = None
+        self.next_check = time.monotonic() + LIVENESS_SECONDS
+
+    def _server_id(self) -> str | None:
+        try:
+            return str(self.client.info("server")["run_id"])
+        except BROKER_ERRORS:
+            return None
+
+    def broker_error(self, exc: BaseException) -> None:
+        """Note a failed poll; raise RemoteError once the broker was gone for too long."""
+        now = time.monotonic()
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+            log.warning("lost the broker (%s); waiting for it to come back", exc)
+        elif now - self.unreachable_since > BROKER_OUTAGE_SECONDS:
+            raise RemoteError(
+                f"the broker was unreachable for {BROKER_OUTAGE_SECONDS:.0f} s ({exc}); "
+                "the run may go on on the workers (see the report log)"
+            )
+
+    def reachable(self) -> None:
+        """Note a successful poll."""
+        self.unreachable_since = None
+
+    def due(self) -> bool:
+        """True every LIVENESS_SECONDS (the caller checks only while nothing arrives)."""
+        if time.monotonic() < self.next_check:
+            return False
+        self.next_check = time.monotonic() + LIVENESS_SECONDS
+        return True
+
+    def restarted_empty(self) -> bool:
+        """True if Redis restarted since the run began and kept no append-only file."""
+        try:
+            info = self.client.info()
+        except BROKER_ERRORS:
+            return False
+        if self.server is None:
+            self.server = str(info["run_id"])
+            return False
+        return str(info["run_id"]) != self.server and not info.get("aof_enabled")
+
+    def lock_holder(self, cluster: str) -> str | None:
+        """The run id holding the cluster's lock now (None: free); ours if unknown."""
+        try:
+            holder = self.client.get(f"ccarchive:lock:{cluster}")
+        except BROKER_ERRORS:
+            return self.run_id
+        return holder.decode() if isinstance(holder, bytes) else holder
+
+
+LOST_RESTART = (
+    "lost: Redis restarted without persistence while the run was going on; "
+    "files not archived stay in place for the next run"
+)
 
 
 def _ready(app: Any, task_ids: set[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -71,12 +158,23 @@ class _Backoff:
         time.sleep(self.delay)
 
 
-def _wait(app: Any, task_id: str, poll_seconds: float) -> Any:
+def _wait(app: Any, task_id: str, poll_seconds: float, live: _Liveness) -> Any:
     """Wait for a task that must succeed (plan, launch); RemoteError if it failed."""
     # Polling (MGET) like `_follow`, not AsyncResult.get(): no pub/sub subscription is
     # left behind for the interpreter to tear down at exit.
     backoff = _Backoff(poll_seconds)
-    while not (ready := _ready(app, {task_id})):
+    while True:
+        try:
+            ready = _ready(app, {task_id})
+        except BROKER_ERRORS as exc:
+            live.broker_error(exc)
+            backoff.wait(False)
+            continue
+        live.reachable()
+        if ready:
+            break
+        if live.due() and live.restarted_empty():
+            raise RemoteError(LOST_RESTART)
         backoff.wait(False)
     meta = ready[0][1]
     if meta["status"] != "SUCCESS":
@@ -100,10 +198,17 @@ def submit(
     notify = progress or (lambda _event, _cluster, _detail: None)
     app = make_app(settings)
     try:
-        if not app.control.ping(timeout=2.0, limit=1):
+        try:
+            answered = app.control.ping(timeout=2.0, limit=1)
+        except BROKER_ERRORS as exc:  # refused, wrong password, certificate not trusted
+            raise RemoteError(
+                f"cannot reach the broker at {maybe_sanitize_url(settings.broker_url)}: {exc}"
+            ) from None
+        if not answered:
             raise RemoteError(
                 f"no Celery worker answers at {maybe_sanitize_url(settings.broker_url)}"
             )
+        live = _Liveness(redis_client(settings.broker_url, settings))
         started = time.perf_counter()
         plan_id = str(uuid.uuid4())
         app.send_task(
@@ -113,18 +218,21 @@ def submit(
                 "mode": mode,
                 "clusters": clusters,
                 "checkpoints": checkpoints,
-                "archive": archive,
+                # Task arguments are stored with results and shown by Flower: a location
+                # that carries credentials goes masked (the workers compare it so).
+                "archive": archive and mask_url(archive),
             },
             queue=settings.default_queue,
             task_id=plan_id,
         )
-        planned = _wait(app, plan_id, poll_seconds)
+        planned = _wait(app, plan_id, poll_seconds, live)
         if "error" in planned:
             raise RemoteError(f"the workers refused the run: {planned['error']}")
-        launched = _wait(app, planned["launch"], poll_seconds)
+        launched = _wait(app, planned["launch"], poll_seconds, live)
         run = RemoteRun(planned["run_id"], planned["cutoff"], planned["mode"])
+        live.run_id = run.run_id
         run.errors.extend(launched.get("errors", []))
-        reports = _follow(app, run, launched["clusters"], notify, poll_seconds)
+        reports = _follow(app, run, launched["clusters"], notify, poll_seconds, live)
         run.reports = [reports[e["cluster"]] for e in launched["clusters"]]
         run.seconds = time.perf_counter() - started
         return run
@@ -138,6 +246,7 @@ def _follow(
     entries: list[dict[str, Any]],
     notify: ProgressFn,
     poll_seconds: float,
+    live: _Liveness,
 ) -> dict[str, ClusterReport]:
     """Poll the run's tasks until every cluster has its report; emit progress on the way."""
     reports: dict[str, ClusterReport] = {}
@@ -154,11 +263,17 @@ def _follow(
         if "finalize" in e:
             watch[e["finalize"]] = ("finalize", cluster, "")
         watch[e["report_id"]] = ("report", cluster, "")
-    deadlines: dict[str, tuple[float, str]] = {}  # report id -> (deadline, why)
+    deadlines: dict[str, tuple[float, str]] = {}  # report id -> (deadline, error if missed)
     pending = set(watch)
     backoff = _Backoff(poll_seconds)
     while pending:
-        ready = _ready(app, pending)
+        try:
+            ready = _ready(app, pending)
+        except BROKER_ERRORS as exc:
+            live.broker_error(exc)
+            backoff.wait(False)
+            continue
+        live.reachable()
         for task_id, meta in ready:
             pending.discard(task_id)
             kind, cluster, host = watch[task_id]
@@ -173,7 +288,10 @@ def _follow(
             elif kind == "finalize":
                 if failed:
                     report_id = _report_id(watch, cluster)
-                    deadlines[report_id] = (time.monotonic() + REPORT_GRACE_SECONDS, f"{value!r}")
+                    deadlines[report_id] = (
+                        time.monotonic() + REPORT_GRACE_SECONDS,
+                        f"finalize failed: {value!r}",
+                    )
                     notify("finalized", cluster, {"failed": True})
                 else:
                     run.finalize_seconds[cluster] = float(value.get("seconds", 0.0))
@@ -182,13 +300,27 @@ def _follow(
                 reports[cluster] = _report(run, cluster, value, failed)
                 notify("done", cluster, {"ok": reports[cluster].ok})
         now = time.monotonic()
-        for report_id, (deadline, why) in list(deadlines.items()):
-            if report_id in pending and now > deadline:
-                pending.discard(report_id)
+        if not ready and live.due():
+            restarted = live.restarted_empty()
+            for report_id in [t for t in pending if watch[t][0] == "report"]:
                 cluster = watch[report_id][1]
-                reports[cluster] = ClusterReport(
-                    cluster, run.cutoff, run.run_id, errors=[f"finalize failed: {why}"]
-                )
+                if restarted:
+                    deadlines[report_id] = (now, LOST_RESTART)
+                elif live.lock_holder(cluster) != run.run_id and report_id not in deadlines:
+                    # finish_cluster releases the lock right before it stores the report:
+                    # a short grace tells that apart from a run that is gone.
+                    deadlines[report_id] = (
+                        now + LOST_RUN_SECONDS,
+                        f"lost: the run no longer holds the lock of {cluster} and sent no "
+                        "report (Redis restarted, or the lock expired); files not archived "
+                        "stay in place for the next run",
+                    )
+        for report_id, (deadline, error) in list(deadlines.items()):
+            if report_id in pending and now >= deadline:
+                cluster = watch[report_id][1]
+                for t in [t for t in pending if watch[t][1] == cluster]:
+                    pending.discard(t)  # nothing more will come for this cluster
+                reports[cluster] = ClusterReport(cluster, run.cutoff, run.run_id, errors=[error])
                 notify("done", cluster, {"ok": False})
         if pending:
             backoff.wait(bool(ready))

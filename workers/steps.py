@@ -41,6 +41,17 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+def check_cutoff(cutoff: object) -> int:
+    """Return `cutoff` if it is an integer, else raise UnsafeName.
+
+    It becomes part of the archive's file name (`<T>.parquet`): a string from a forged
+    message such as "../../x" must never reach a path.
+    """
+    if isinstance(cutoff, bool) or not isinstance(cutoff, int):
+        raise UnsafeName(f"invalid cutoff {cutoff!r}: not an integer")
+    return cutoff
+
+
 def host_dir(checkpoints: str | Path, cluster: str, host: str) -> Path:
     """The directory of one host, refusing names that would leave the checkpoint root."""
     root = Path(checkpoints)
@@ -153,6 +164,8 @@ def load_host(
     `exclude` names files a committed archive already holds (see `recovery`): never again.
     """
     started = time.perf_counter()
+    check_name(run_id, "run id")  # part of the chunk's path in staging
+    check_cutoff(cutoff)
     manifest = HostManifest(cluster=cluster, host=host, cutoff=cutoff, run_id=run_id)
     directory = host_dir(checkpoints, cluster, host)
     try:
@@ -197,6 +210,10 @@ def finalize_cluster(
 ) -> sink.ArchiveInfo | None:
     """Stream the cluster's chunks in host order into its verified archive; None if no rows."""
     check_name(cluster, "cluster")
+    check_name(run_id, "run id")
+    check_cutoff(cutoff)  # the archive's file name
+    for m in manifests:
+        check_name(m.host, "host")
     ordered = sorted((m for m in manifests if m.files), key=lambda m: m.host)
     if not any(m.rows for m in ordered):
         return None
@@ -223,7 +240,11 @@ def delete_files(
     result = DeleteResult(cluster=cluster, host=host)
     directory = host_dir(checkpoints, cluster, host)
     for f in files:
-        path = directory / check_name(f.name, "file name")
+        try:
+            path = directory / check_name(f.name, "file name")
+        except UnsafeName as exc:  # only a forged message can carry one: keep the others going
+            result.kept.append(BadFile(str(directory), str(exc)))
+            continue
         try:
             st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
@@ -274,6 +295,9 @@ def delete_expired(checkpoints: str, cluster: str, host: str, cutoff: int) -> De
 
 def cleanup_staging(staging_url: str, run_id: str, cluster: str) -> None:
     """Remove a cluster's staging chunks of one run (and the run's prefix once empty)."""
+    # Both names come from task messages: "..", say, would make this remove a whole root.
+    check_name(run_id, "run id")
+    check_name(cluster, "cluster")
     storage.remove_tree(staging.cluster_url(staging_url, run_id, cluster))
     fs, path = storage.filesystem(staging.run_url(staging_url, run_id))
     try:
@@ -287,6 +311,7 @@ __all__ = [
     "ClusterPlan",
     "Selection",
     "UnsafeName",
+    "check_cutoff",
     "check_name",
     "cleanup_staging",
     "delete_expired",

@@ -5,16 +5,20 @@
                  ──► chord(delete_files @ host's queue) ──► finish_cluster @ finalize queue
       delete:  chord(delete_expired @ host's queue) ──► finish_cluster
 
-Messages carry names (cluster, host, file), the cutoff and the run id, never paths: every
-task resolves the checkpoint root, staging and archive from its *own* worker's settings,
-and the steps validate every name, so no message can make a worker touch a path outside
-its configured roots (SPEC §6.6).
+Messages carry names (cluster, host, file), the cutoff and the run id, never paths or
+credentials: every task resolves the checkpoint root, staging and archive from its *own*
+worker's settings. Each task validates the names of its message before anything else
+(refusing it with a report, the name logged quoted) and the steps validate them again
+where they build paths, so no message can make a worker touch a path outside its
+configured roots (SPEC §6.6).
 
 A task never raises into a chord: a host that cannot be loaded (after its retries, or
 after its worker died too often) comes back as a manifest with no files and the reason
 in `bad`, so the cluster is archived without it and its files stay for the next run.
 Finalize is the one task that may end FAILED (so Flower shows it), and it starts the
 cluster's final step first, so the run still ends with a report and a released lock.
+If a chord itself breaks (a member's result lost while Redis restarted, a task revoked),
+its errback `abandon_cluster` releases the lock and reports instead.
 """
 
 from __future__ import annotations
@@ -27,17 +31,25 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from typing import Any
 
 import redis
 from celery import Task, chord
 from celery.canvas import Signature
+from celery.exceptions import ChordError
 
 from . import ops, recovery, routing, sink, staging, steps
 from .celery import app
-from .config import Settings, configure_storage, load_settings, parse_duration
+from .config import (
+    Settings,
+    configure_storage,
+    load_settings,
+    mask_url,
+    parse_duration,
+    redis_client,
+)
 from .locks import RedisLock
 from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest, SourceFile
 from .runner import new_run_id
@@ -78,8 +90,9 @@ def router() -> routing.Router:
 
 @functools.cache
 def _redis() -> redis.Redis:
-    # Locks, attempt counters and the report log live on the broker's Redis.
-    return redis.Redis.from_url(settings().broker_url)
+    # Locks, attempt counters and the report log live on the broker's Redis (same TLS).
+    s = settings()
+    return redis_client(s.broker_url, s)
 
 
 def _lock(cluster: str, run_id: str) -> RedisLock:
@@ -114,7 +127,36 @@ def _error(exc: BaseException) -> str:
 
 
 def _host_path(cluster: str, host: str) -> str:
-    return os.path.join(settings().checkpoints or "", cluster, host)
+    """The host's directory, for reports; names that are not safe are quoted, never joined."""
+    root = settings().checkpoints or ""
+    try:
+        return os.path.join(root, steps.check_name(cluster), steps.check_name(host))
+    except steps.UnsafeName:
+        return f"{root} (cluster {cluster!r}, host {host!r})"
+
+
+def _shown(name: Any) -> Any:
+    """A name from a refused message as results may echo it: escaped unless printable
+    (Celery logs every result; a raw newline in it would forge a log line)."""
+    return name if not isinstance(name, str) or name.isprintable() else ascii(name)
+
+
+def _check_names(**names: Any) -> None:
+    """Validate names and the cutoff from a message; raise UnsafeName (logged) if one is bad.
+
+    Workers resolve every path from their own roots plus these names, so this is what keeps
+    a forged or corrupted message from reaching outside the roots (SPEC §6.6).
+    """
+    try:
+        for what, value in names.items():
+            if what == "cutoff":
+                steps.check_cutoff(value)
+            else:
+                steps.check_name(value, what.replace("_", " "))
+    except steps.UnsafeName as exc:
+        # %r: a name with a newline must not forge log lines either.
+        log.error("refused a task message: %r", str(exc))
+        raise
 
 
 @contextmanager
@@ -195,8 +237,11 @@ def plan(
         problem = "the workers have no shared staging location (CCARCHIVE_STAGING)"
     elif not _same_location(s.checkpoints, checkpoints):
         problem = f"the workers archive {s.checkpoints}, not {checkpoints}"
-    elif mode == "archive" and not _same_location(s.archive, archive):
-        problem = f"the workers write archives to {s.archive}, not {archive}"
+    elif mode == "archive" and not _same_location(
+        s.archive and mask_url(s.archive), archive and mask_url(archive)
+    ):
+        # Clients send locations masked (task arguments are shown in Flower): compare so.
+        problem = f"the workers write archives to {mask_url(s.archive or '')}, not {archive}"
     elif cutoff is None and not (retention or s.retention):
         problem = "no cutoff and no retention (CCARCHIVE_RETENTION)"
     if problem is None and clusters:
@@ -247,7 +292,9 @@ def launch(
 ) -> dict[str, Any]:
     """Lock each cluster and start its pipeline; return the task ids per cluster."""
     s = settings()
-    steps.check_name(run_id, "run id")
+    _check_names(run_id=run_id, cutoff=cutoff)
+    if mode not in ("archive", "delete"):
+        raise ValueError(f"unknown mode {mode!r}")
     errors = [f"discovery on queue {d['queue']}: {d['error']}" for d in discoveries if "error" in d]
     for e in errors:
         log.error("run %s: %s", run_id, e)
@@ -259,6 +306,13 @@ def launch(
     entries = []
     for ch in routing.select_hosts(discoveries, router()):
         if clusters and ch.cluster not in clusters:
+            continue
+        try:
+            _check_names(cluster=ch.cluster)
+            for h in ch.hosts:
+                _check_names(host=h)
+        except steps.UnsafeName as exc:
+            errors.append(f"refused: {exc}")
             continue
         report = ClusterReport(ch.cluster, cutoff, run_id, hosts=len(ch.hosts))
         report.bad.extend(BadFile(**b) for b in ch.bad)
@@ -292,14 +346,14 @@ def launch(
                 report_id=report_id,
                 started=started,
             ).set(queue=router().finalize_queue, task_id=finalize_id)
-            _launch(header, body)
+            _launch(header, body.on_error(_abandon(report, mode, started)))
         else:
             entry["deletes"] = {h: str(uuid.uuid4()) for h in ch.hosts}
             header = [
                 delete_expired.si(ch.cluster, h, cutoff).set(queue=q, task_id=entry["deletes"][h])
                 for h, q in ch.hosts.items()
             ]
-            _launch(header, finish)
+            _launch(header, finish.on_error(_abandon(report, mode, started)))
         entries.append(entry)
     return {"run_id": run_id, "cutoff": cutoff, "mode": mode, "errors": errors, "clusters": entries}
 
@@ -319,6 +373,13 @@ def _failed_load(cluster: str, host: str, cutoff: int, run_id: str, reason: str)
 def load_host(self: Task, cluster: str, host: str, cutoff: int, run_id: str) -> dict[str, Any]:
     """Recover and load one host; return `{"manifest": HostManifest, "recovered": [paths]}`."""
     s = settings()
+    try:
+        _check_names(cluster=cluster, host=host, run_id=run_id, cutoff=cutoff)
+    except steps.UnsafeName as exc:
+        # Nothing was touched; the chord (if any) goes on without this "host".
+        manifest = HostManifest(_shown(cluster), _shown(host), cutoff, _shown(run_id))
+        manifest.bad.append(BadFile(_host_path(cluster, host), f"refused: {exc}"))
+        return {"manifest": manifest.to_dict(), "recovered": []}
     attempt = _attempt(self)
     if attempt > _max_attempts():
         # Redelivered after its worker died every time (e.g. killed for memory): give up
@@ -376,9 +437,11 @@ def delete_files(
 ) -> dict[str, Any]:
     """Delete a host's archived files: only those the published archive lists, same size."""
     s = settings()
-    wanted = [SourceFile(**f) for f in files]
-    result = DeleteResult(cluster, host)
+    wanted: list[SourceFile] = []
+    result = DeleteResult(_shown(cluster), _shown(host))
     try:
+        wanted = [SourceFile(**f) for f in files]
+        _check_names(cluster=cluster, host=host, run_id=run_id, cutoff=cutoff)
         _renew(cluster, run_id)
         if archived:
             # Guarantee 1, checked where the deleting happens: the archive under its final
@@ -395,9 +458,11 @@ def delete_files(
         # Kept files listed in a committed archive are deleted by the next run's recovery.
         reason = f"not deleted: {_error(exc)}"
         result.kept.extend(
-            BadFile(os.path.join(_host_path(cluster, host), f.name), reason) for f in wanted
+            BadFile(os.path.join(_host_path(cluster, host), _shown(f.name)), reason) for f in wanted
         )
-        log.error("%s/%s: %s", cluster, host, reason)
+        if not wanted:  # the message itself was unusable: say so rather than nothing
+            result.kept.append(BadFile(_host_path(cluster, host), reason))
+        log.error("%r/%r: %s", cluster, host, reason)
         return result.to_dict()
     done.kept[:0] = result.kept
     return done.to_dict()
@@ -407,9 +472,10 @@ def delete_files(
 def delete_expired(cluster: str, host: str, cutoff: int) -> dict[str, Any]:
     """Delete mode: remove a host's checkpoint files with 0 < ts <= cutoff, unread."""
     try:
+        _check_names(cluster=cluster, host=host, cutoff=cutoff)
         return steps.delete_expired(settings().checkpoints or "", cluster, host, cutoff).to_dict()
     except Exception as exc:
-        result = DeleteResult(cluster, host)
+        result = DeleteResult(_shown(cluster), _shown(host))
         result.kept.append(BadFile(_host_path(cluster, host), f"not deleted: {_error(exc)}"))
         return result.to_dict()
 
@@ -439,15 +505,17 @@ def finalize_cluster(
     finish = finish_cluster.s(report=None, mode="archive", started=started).set(
         queue=router().finalize_queue, task_id=report_id
     )
-    lock = _lock(cluster, run_id)
-
-    def still_ours() -> None:
-        if not lock.owned():
-            raise LockLost(f"the run lost the lock of cluster {cluster}; nothing published")
-
     t0 = time.perf_counter()
     manifests: list[HostManifest] = []
     try:
+        # Inside the try: a refused message still ends with a report (FAILED, permanent).
+        _check_names(cluster=cluster, run_id=run_id, cutoff=cutoff)
+        lock = _lock(cluster, run_id)
+
+        def still_ours() -> None:
+            if not lock.owned():
+                raise LockLost(f"the run lost the lock of cluster {cluster}; nothing published")
+
         for r in loads:
             m = HostManifest.from_dict(r["manifest"])
             steps.check_name(m.host, "host")
@@ -501,8 +569,55 @@ def finalize_cluster(
         )
         for m in with_files
     ]
-    _launch(header, finish.clone(kwargs={"report": rep.to_dict()}))
+    finish = finish.clone(kwargs={"report": rep.to_dict()})
+    _launch(header, finish.on_error(_abandon(rep, "archive", started)))
     return {"report": rep.to_dict(), "deletes": deletes, "archive": rep.archive, "seconds": seconds}
+
+
+def _abandon(report: ClusterReport, mode: str, started: float) -> Signature:
+    """The errback of a cluster's chord callbacks (finalize, finish): see abandon_cluster."""
+    return abandon_cluster.s(report=report.to_dict(), mode=mode, started=started)
+
+
+@app.task(name="ccarchive.abandon_cluster")
+def abandon_cluster(
+    request: Any,
+    exc: BaseException,
+    traceback: Any,
+    report: dict[str, Any],
+    mode: str,
+    started: float,
+) -> dict[str, Any] | None:
+    """Errback of a cluster's chords: release the lock of a run whose chord broke.
+
+    A chord whose member's result could not be recorded (Redis restarted at that very
+    moment) never runs its callback, so nothing would release the cluster's lock before it
+    expires (CCARCHIVE_LOCK_TIMEOUT, a day by default) and every run until then would skip
+    the cluster. Celery calls this (in the worker that found the chord broken) with the
+    ChordError; a callback's own failure is reported by the callback itself and ignored
+    here. Nothing is deleted: the next run's recovery finishes a committed archive's
+    deletions, and files not archived are still in place.
+    """
+    if not isinstance(exc, ChordError):
+        return None
+    rep = ClusterReport.from_dict(report)
+    try:
+        _check_names(cluster=rep.cluster, run_id=rep.run_id)
+    except steps.UnsafeName:
+        return None
+    rep.errors.append(
+        f"the run broke off ({_error(exc)}); files not archived stay in place and the "
+        "next run recovers what was committed"
+    )
+    s = settings()
+    if mode == "archive" and s.staging:
+        with suppress(Exception):  # swept later anyway (recovery.sweep_staging)
+            steps.cleanup_staging(s.staging, rep.run_id, rep.cluster)
+    try:
+        _lock(rep.cluster, rep.run_id).release()
+    except redis.RedisError as error:
+        log.warning("lock of %s not released (it expires): %s", rep.cluster, error)
+    return _close(rep, started, mode)
 
 
 def _close(report: ClusterReport, started: float, mode: str) -> dict[str, Any]:
@@ -541,6 +656,17 @@ def finish_cluster(
     """Last step of a cluster: count deletions, remove staging, release the lock, report."""
     s = settings()
     rep = ClusterReport.from_dict(report)
+    try:
+        # The report names the staging prefix to remove and the lock to release: a forged
+        # cluster or run id ("..") must not make this remove a whole root.
+        _check_names(cluster=rep.cluster, run_id=rep.run_id)
+    except steps.UnsafeName as exc:
+        rep.errors.append(f"refused: {exc}")
+        rep.cluster, rep.run_id = _shown(rep.cluster), _shown(rep.run_id)
+        data = rep.to_dict()
+        with suppress(redis.RedisError):  # the log of reports is best effort, as in _close
+            _redis().lpush(REPORTS_KEY, json.dumps(data))
+        return data
     for d in deletions:
         result = DeleteResult.from_dict(d)
         rep.files_deleted += len(result.deleted)
@@ -560,6 +686,7 @@ def finish_cluster(
 __all__ = [
     "REPORTS_KEY",
     "LockLost",
+    "abandon_cluster",
     "delete_expired",
     "delete_files",
     "discover",
