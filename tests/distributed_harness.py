@@ -447,6 +447,25 @@ class Deployment:
             text=True,
         )
 
+    def meta(self, task_id: str) -> dict[str, Any]:
+        """A task's state and result as stored now (one GET; never a pub/sub subscription,
+        which would outlive this deployment's Redis in a background thread)."""
+        return dict(self.app().backend.get_task_meta(task_id, cache=False))
+
+    def result(self, task_id: str, timeout: float = 30) -> Any:
+        """A task's result once it is ready; for a failed task, its exception."""
+        from celery import states
+
+        def ready() -> dict[str, Any] | None:
+            meta = self.meta(task_id)
+            return meta if meta["status"] in states.READY_STATES else None
+
+        return wait_until(ready, timeout, f"the result of task {task_id}")["result"]
+
+    def send(self, name: str, *args: Any, **kwargs: Any) -> str:
+        """Send a task by name (as a forged or hand-made message would be); its id."""
+        return str(self.app().send_task(name, args=args, kwargs=kwargs).id)
+
     def send_plan(self, cutoff: int, **kwargs: Any) -> str:
         """Send `ccarchive.plan` like beat does (no client follows the run); its task id."""
         result = self.app().send_task("ccarchive.plan", kwargs={"cutoff": cutoff, **kwargs})

@@ -157,14 +157,14 @@ def test_a_broken_chord_releases_the_cluster_lock(deployment: Factory) -> None:
     d.start_workers()
     d.arm("stall load:staged")
     app = d.app()
-    planned = app.AsyncResult(d.send_plan(CUTOFF)).get(timeout=30)
-    launched = app.AsyncResult(planned["launch"]).get(timeout=30)
+    planned = d.result(d.send_plan(CUTOFF))
+    launched = d.result(planned["launch"])
     pid = d.wait_stalled()
     stalled = next(
         (e, t)
         for e in launched["clusters"]
         for t in e["loads"].values()
-        if (app.AsyncResult(t).info or {}).get("pid") == pid
+        if (d.meta(t)["result"] or {}).get("pid") == pid  # STARTED: {"pid", "hostname"}
     )
     entry, task_id = stalled
     lock = f"ccarchive:lock:{entry['cluster']}".encode()
@@ -392,11 +392,10 @@ def test_hostile_names_in_task_messages_touch_nothing_outside_the_roots(
     (Path(d.staging) / "keep.txt").write_text("must survive")
     state = tree_state(tmp_path)
     d.start_workers()
-    app = d.app()
     now = time.time()
 
     def call(name: str, *args: Any, **kwargs: Any) -> Any:
-        return app.send_task(name, args=args, kwargs=kwargs).get(timeout=30, propagate=False)
+        return d.result(d.send(name, *args, **kwargs))
 
     def report(cluster: str, run_id: str) -> dict[str, Any]:
         return {"cluster": cluster, "cutoff": CUTOFF, "run_id": run_id, "hosts": 1}
@@ -448,7 +447,7 @@ def test_hostile_names_in_task_messages_touch_nothing_outside_the_roots(
         )
         assert "UnsafeName" in repr(failed), failed
         # The cluster's final step still reports it (refused), and touches nothing.
-        final = app.AsyncResult(report_id).get(timeout=30)
+        final = d.result(report_id)
         assert any("refused: invalid" in e or "invalid" in e for e in final["errors"]), final
     forged = {
         "manifest": {
