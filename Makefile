@@ -24,11 +24,13 @@ demo: setup
 test: setup redis
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy workers beat
 	$(BIN)/python -m pytest tests
 
 lint: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+	$(BIN)/mypy workers beat
 
 bench: setup
 	$(BIN)/python -m bench.run

@@ -351,6 +351,13 @@ class Deployment:
         self.procs = Processes(root / "logs")
         self.tls_files = make_tls_files(root / "tls") if tls else None
         self.redis = RedisInstance(root / "redis", self.procs, persistent, password, self.tls_files)
+        try:
+            self._setup(env)
+        except BaseException:
+            self.procs.stop_all()  # nobody gets this object to close: stop Redis here
+            raise
+
+    def _setup(self, env: dict[str, str] | None) -> None:
         self.redis.start()
         self.env = clean_env(
             CCARCHIVE_BROKER_URL=self.redis.url(),
@@ -362,7 +369,7 @@ class Deployment:
             CCARCHIVE_FAULT_FILE=str(self.fault_file),
             CCARCHIVE_LOG_LEVEL="INFO",
             # Short enough that a lost message comes back within a test, longer than any
-            # task of one (a stalled task is cancelled or released well before).
+            # task of one (the tests release a stalled task within a second or two).
             CCARCHIVE_VISIBILITY_TIMEOUT="6s",
             CCARCHIVE_LOCK_TIMEOUT="60s",
         )

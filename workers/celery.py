@@ -8,9 +8,11 @@ The CLI's `--broker` path builds its own app with `make_app` instead.
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 from celery.signals import worker_init, worker_process_init
 
 from . import logs, metrics
@@ -124,6 +126,37 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+class RedisResults(RedisBackend):
+    """Celery's Redis result backend, with chord bookkeeping that outlasts a Redis restart.
+
+    `result_backend_always_retry` retries storing a result but not the chord step that
+    follows it. A task finishing just as Redis comes back (its pooled connection stale) had
+    its result stored, then failed in that step: Celery recorded the *task* as failed with
+    the ConnectionError and the whole chord broke ("Dependency ... raised
+    network:ConnectionError"). The step is safe to repeat: Celery's script records each
+    member once, and a callback claim left by a lost reply expires after a few seconds.
+    """
+
+    def __init__(self, *args: Any, url: str | None = None, **kwargs: Any) -> None:
+        # Chosen by class (Celery(backend=...)), the backend is not handed the URL.
+        super().__init__(*args, url=url or kwargs["app"].conf.result_backend, **kwargs)
+
+    def on_chord_part_return(
+        self, request: Any, state: str, result: Any, propagate: Any = None, **kwargs: Any
+    ) -> Any:
+        """Count a chord member's result; retried while Redis is unreachable."""
+        step = partial(super().on_chord_part_return, propagate=propagate, **kwargs)
+        # About as long as storing a result is retried (result_backend_max_retries).
+        return self.ensure(
+            step,
+            (request, state, result),
+            max_retries=60,
+            interval_start=0,
+            interval_step=0.5,
+            interval_max=5,
+        )
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     """A configured Celery app with the archiver's tasks and beat schedule."""
     from beat.schedule import beat_schedule  # deferred: beat/ imports workers.config
@@ -131,6 +164,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
     celery_app = Celery("ccarchive", include=["workers.tasks"])
     celery_app.conf.update(celery_config(settings))
+    if settings.results_url.startswith(("redis://", "rediss://")):
+        celery_app.backend_cls = RedisResults  # the URL stays in `result_backend`
     celery_app.conf.beat_schedule = beat_schedule(settings)
     return celery_app
 

@@ -396,10 +396,10 @@ def _timeline(
     busy_l: list[bool] = []
     pos = 0
     while pos < samples:
-        busy = bool(rng.random() >= 0.2)
+        segment_busy = bool(rng.random() >= 0.2)
         bounds.append(pos)
-        busy_l.append(busy)
-        pos += 1 + int(rng.exponential(mean_job if busy else mean_idle))
+        busy_l.append(segment_busy)
+        pos += 1 + int(rng.exponential(mean_job if segment_busy else mean_idle))
     nseg = len(bounds)
     lengths = np.diff(np.append(bounds, samples))
     seg = np.repeat(np.arange(nseg), lengths)

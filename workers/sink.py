@@ -82,7 +82,7 @@ def footer_metadata(
     cluster: str, cutoff: int, run_id: str, manifests: Iterable[HostManifest]
 ) -> dict[str, str]:
     """The commit record: run identity and, per host, the archived files and row counts."""
-    sources = {
+    sources: dict[str, dict[str, Any]] = {
         m.host: {
             "rows": m.rows,
             "files": [{"name": f.name, "size": f.size, "rows": f.rows} for f in m.files],
@@ -96,7 +96,7 @@ def footer_metadata(
         META_PREFIX + "cutoff": str(cutoff),
         META_PREFIX + "run_id": run_id,
         META_PREFIX + "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        META_PREFIX + "rows": str(sum(h["rows"] for h in sources.values())),
+        META_PREFIX + "rows": str(sum(int(h["rows"]) for h in sources.values())),
         META_PREFIX + "sources": json.dumps(sources, separators=(",", ":"), sort_keys=True),
     }
 

@@ -40,7 +40,7 @@ from celery import Task, chord
 from celery.canvas import Signature
 from celery.exceptions import ChordError
 
-from . import ops, recovery, routing, sink, staging, steps
+from . import ops, recovery, routing, sink, staging, steps, storage
 from .celery import app
 from .config import (
     Settings,
@@ -538,14 +538,22 @@ def finalize_cluster(
             )
     except Exception as exc:
         permanent = isinstance(exc, sink.ArchiveConflict | LockLost | steps.UnsafeName)
-        if not permanent and attempt < _max_attempts():
-            raise self.retry(exc=exc, countdown=_countdown(attempt), max_retries=None) from exc
-        rep.bad.extend(b for m in manifests for b in m.bad)
-        rep.files_deleted += sum(len(r.get("recovered", [])) for r in loads)
-        rep.errors.append(f"archive not written, all files kept: {_error(exc)}")
-        log.error("%s: archive not written, all files kept: %s", cluster, _error(exc))
-        _launch([], finish.clone(kwargs={"report": rep.to_dict()}))
-        raise
+        twin = None if permanent else _published_twin(cluster, cutoff, run_id, manifests)
+        if twin is None:
+            if not permanent and attempt < _max_attempts():
+                raise self.retry(exc=exc, countdown=_countdown(attempt), max_retries=None) from exc
+            rep.bad.extend(b for m in manifests for b in m.bad)
+            rep.files_deleted += sum(len(r.get("recovered", [])) for r in loads)
+            rep.errors.append(f"archive not written, all files kept: {_error(exc)}")
+            log.error("%s: archive not written, all files kept: %s", cluster, _error(exc))
+            _launch([], finish.clone(kwargs={"report": rep.to_dict()}))
+            raise
+        log.warning(
+            "%s: %s, but this very commit is published (by a second delivery of this task)",
+            cluster,
+            _error(exc),
+        )
+        info = twin
     seconds = time.perf_counter() - t0
     rep.bad.extend(b for m in manifests for b in m.bad)
     rep.files_deleted += sum(len(r.get("recovered", [])) for r in loads)
@@ -618,6 +626,31 @@ def abandon_cluster(
     except redis.RedisError as error:
         log.warning("lock of %s not released (it expires): %s", rep.cluster, error)
     return _close(rep, started, mode)
+
+
+def _published_twin(
+    cluster: str, cutoff: int, run_id: str, manifests: list[HostManifest]
+) -> sink.ArchiveInfo | None:
+    """The archive of exactly this commit record if it is published and verifies, else None.
+
+    A finalize delivered twice (its acknowledgement lost while Redis restarted) can run
+    next to itself: the copy that publishes first goes on to delete the files and remove
+    the run's staging, and the other then fails reading a chunk that is gone. Everything
+    that copy had to do is done, by its twin: it goes on instead of reporting "archive not
+    written" (deleting again is harmless; the files are listed in a verified archive).
+    """
+    ordered = sorted((m for m in manifests if m.files), key=lambda m: m.host)
+    if not any(m.rows for m in ordered):
+        return None
+    url = sink.archive_url(settings().archive or "", cluster, cutoff)
+    metadata = sink.footer_metadata(cluster, cutoff, run_id, ordered)
+    try:
+        row_groups = sink.verify(url, {m.host: m.rows for m in ordered}, metadata)
+        size = storage.size_of(url)
+    except Exception:
+        return None  # not there, or another commit: the failure stands
+    rows = sum(m.rows for m in ordered)
+    return sink.ArchiveInfo(url, rows, size, row_groups, already_existed=True)
 
 
 def _close(report: ClusterReport, started: float, mode: str) -> dict[str, Any]:
