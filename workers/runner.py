@@ -1,19 +1,31 @@
 """The embedded runner: the whole pipeline on one machine, no Redis, a process pool.
 
-Same steps and the same order of effects as the Celery pipeline: load every host, and as
-soon as a cluster's hosts are loaded, finalize it; once its archive is published, delete
-its archived files, then its staging. A cluster never waits for another one.
+Same steps and the same order of effects as the Celery pipeline: load every host, finalize
+each cluster, and once its archive is published, delete its archived files, then its
+staging. A cluster never waits for another one.
+
+With a pool (`--workers 2` and more), a cluster's finalize does not wait for the last
+load: it runs in a thread of this process and writes each host into the Parquet file as
+soon as that host and every host before it (in hostname order) are loaded. Loading and
+writing then overlap instead of taking turns; the commit still comes after every load.
+With `--workers 1` everything runs one step after the other in this process.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +34,8 @@ from . import metrics, ops, recovery, steps, storage
 from .locks import DirectoryLock, LockBusy
 from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest
 from .sink import ArchiveInfo, ParquetOptions
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 #: progress(event, cluster, detail): events are "plan", "loaded", "finalized", "deleted", "done".
 ProgressFn = Callable[[str, str, dict[str, Any]], None]
@@ -70,13 +84,103 @@ def _executor(workers: int) -> Executor:
     return ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=storage.configure,
+        initializer=_start_pool_process,
         initargs=(storage.current_options(),),
     )
 
 
+def _start_pool_process(storage_options: dict[str, Any]) -> None:
+    """Pool process set-up: the caller's storage options, and death with the runner.
+
+    A runner killed outright (OOM killer, SIGKILL) cannot shut its pool down, and its
+    processes would wait for work forever, holding the terminal's pipes open. On Linux
+    the kernel sends them SIGKILL when the runner goes (PR_SET_PDEATHSIG).
+    """
+    storage.configure(storage_options)
+    if sys.platform.startswith("linux"):
+        with suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() == 1:  # the runner died before the line above: go now
+                os._exit(1)
+
+
 def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+class RunCancelled(Exception):
+    """The run stopped (an exception in the runner) while a finalize was waiting for hosts."""
+
+
+class _HostFeed:
+    """A cluster's load results, handed to its finalize thread in hostname order."""
+
+    def __init__(self, hosts: list[str]) -> None:
+        self._hosts = sorted(hosts)
+        self._loaded: dict[str, HostManifest | None] = {}
+        self._cancelled = False
+        self._changed = threading.Condition()
+
+    def put(self, host: str, manifest: HostManifest | None) -> None:
+        """Record a host's load: its manifest, or None when the load failed."""
+        with self._changed:
+            self._loaded[host] = manifest
+            self._changed.notify_all()
+
+    def cancel(self) -> None:
+        """Make the finalize thread stop at its next wait."""
+        with self._changed:
+            self._cancelled = True
+            self._changed.notify_all()
+
+    def _wait_for(self, host: str | None) -> None:
+        def ready() -> bool:
+            if host is None:
+                return len(self._loaded) == len(self._hosts)
+            return host in self._loaded
+
+        with self._changed:
+            self._changed.wait_for(lambda: ready() or self._cancelled)
+            if self._cancelled:
+                raise RunCancelled("the run stopped before every host was loaded")
+
+    def __iter__(self) -> Iterator[HostManifest]:
+        for host in self._hosts:
+            self._wait_for(host)
+            manifest = self._loaded[host]
+            if manifest is not None:
+                yield manifest
+
+    def drain(self) -> None:
+        """Wait until every host's load has finished (or the run stopped)."""
+        self._wait_for(None)
+
+
+def _finalize_behind_loads(
+    feed: _HostFeed, cluster: str, cutoff: int, run_id: str, options: RunOptions
+) -> tuple[Future[Any], threading.Thread]:
+    """Start the cluster's finalize in a thread, fed by `feed`. Its future completes only
+    after the cluster's last load, failed or not: the runner finishes the cluster then."""
+    future: Future[Any] = Future()
+
+    def body() -> None:
+        try:
+            info = steps.finalize_streaming(
+                cluster, cutoff, run_id, feed, options.archive or "", options.parquet
+            )
+        except BaseException as exc:
+            try:
+                with suppress(RunCancelled):
+                    feed.drain()
+            finally:
+                future.set_exception(exc)
+        else:
+            future.set_result(info)
+
+    thread = threading.Thread(target=body, name=f"ccarchive-finalize-{cluster}", daemon=True)
+    thread.start()
+    return future, thread
 
 
 @dataclass
@@ -89,6 +193,7 @@ class _ClusterState:
     exclude: dict[str, list[str]] = field(default_factory=dict)
     mode: str = "archive"
     run_log: str | None = None
+    feed: _HostFeed | None = None  # set when finalize runs behind the loads
 
 
 def run(options: RunOptions, progress: ProgressFn | None = None) -> list[ClusterReport]:
@@ -112,6 +217,9 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
     if options.staging and options.mode == "archive":
         recovery.sweep_staging(options.staging, run_id, options.grace_seconds)
     started = time.perf_counter()
+    # A thread per cluster writes its archive while its hosts load (see the module's doc).
+    streaming = options.workers > 1 and options.mode == "archive"
+    finalizers: list[threading.Thread] = []
     try:
         with _executor(options.workers) as pool:
             pending: dict[Future[Any], tuple[str, str, str]] = {}
@@ -122,7 +230,7 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
                 pending[pool.submit(fn, *args)] = (kind, cluster, host)
 
             for plan in plans:
-                for host in plan.hosts:
+                for host in sorted(plan.hosts):
                     if options.mode == "delete":
                         submit(
                             "delete",
@@ -151,6 +259,14 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
                         )
                 if not plan.hosts:
                     _finish(states[plan.cluster], started, notify)
+                elif streaming:
+                    state = states[plan.cluster]
+                    state.feed = _HostFeed(plan.hosts)
+                    future, thread = _finalize_behind_loads(
+                        state.feed, plan.cluster, options.cutoff, run_id, options
+                    )
+                    pending[future] = ("finalize", plan.cluster, "")
+                    finalizers.append(thread)
 
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -158,8 +274,10 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
                     kind, cluster, host = pending.pop(future)
                     state = states[cluster]
                     if kind == "load":
-                        _on_loaded(state, host, future, notify)
-                        if state.hosts_left == 0:
+                        manifest = _on_loaded(state, host, future, notify)
+                        if state.feed is not None:
+                            state.feed.put(host, manifest)
+                        elif state.hosts_left == 0:
                             submit(
                                 "finalize",
                                 cluster,
@@ -198,6 +316,13 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
                             if state.deletes_left == 0:
                                 _finish(state, started, notify, staging_url)
     finally:
+        # Stop finalize threads still waiting for hosts, and let any that is publishing
+        # finish, before the locks go.
+        for state in states.values():
+            if state.feed is not None:
+                state.feed.cancel()
+        for thread in finalizers:
+            thread.join()
         for state in states.values():
             if state.lock is not None:
                 state.lock.release()
@@ -238,7 +363,10 @@ def _prepare(plan: steps.ClusterPlan, report: ClusterReport, options: RunOptions
     return state
 
 
-def _on_loaded(state: _ClusterState, host: str, future: Future[Any], notify: ProgressFn) -> None:
+def _on_loaded(
+    state: _ClusterState, host: str, future: Future[Any], notify: ProgressFn
+) -> HostManifest | None:
+    """Record a host's load; return its manifest, or None if the load failed."""
     state.hosts_left -= 1
     report = state.report
     try:
@@ -247,10 +375,11 @@ def _on_loaded(state: _ClusterState, host: str, future: Future[Any], notify: Pro
         # A host that cannot be loaded keeps all its files; the rest of the cluster goes on.
         report.bad.append(BadFile(f"{report.cluster}/{host}", _error(exc)))
         notify("loaded", report.cluster, {"host": host, "rows": 0, "failed": True})
-        return
+        return None
     state.manifests.append(manifest)
     report.bad.extend(manifest.bad)
     notify("loaded", report.cluster, {"host": host, "rows": manifest.rows})
+    return manifest
 
 
 def _on_finalized(

@@ -73,6 +73,25 @@ class ArchiveInfo:
     already_existed: bool = False
 
 
+@dataclass(frozen=True)
+class CommitRecord:
+    """What an archive must hold: rows per host, and the footer metadata naming its sources."""
+
+    rows: Mapping[str, int]
+    metadata: Mapping[str, str]
+
+
+def commit_record(
+    cluster: str, cutoff: int, run_id: str, manifests: Iterable[HostManifest]
+) -> CommitRecord:
+    """The commit record of an archive made from these hosts' manifests."""
+    with_files = [m for m in manifests if m.files]
+    return CommitRecord(
+        rows={m.host: m.rows for m in with_files},
+        metadata=footer_metadata(cluster, cutoff, run_id, with_files),
+    )
+
+
 def archive_url(archive: str, cluster: str, cutoff: int) -> str:
     """Final location of a cluster's archive for cutoff T."""
     return storage.join(archive, cluster, f"{cutoff}.parquet")
@@ -212,10 +231,13 @@ def write_parquet(
     sink: BinaryIO,
     cluster: str,
     hosts: Iterable[tuple[str, Iterator[pa.RecordBatch]]],
-    metadata: Mapping[str, str],
+    footer: Callable[[], Mapping[str, str]],
     options: ParquetOptions,
 ) -> int:
-    """Write hosts (already in hostname order) to `sink`; return the rows written."""
+    """Write hosts (already in hostname order) to `sink`; return the rows written.
+
+    `footer()` gives the key-value metadata; it is called once the hosts are exhausted.
+    """
     tune_allocator()
     rows = 0
     writer = _writer(sink, options)
@@ -226,7 +248,7 @@ def write_parquet(
                 writer.write_table(table, row_group_size=options.row_group_rows)
                 rows += table.num_rows
                 crash_point("finalize:writing")
-        writer.add_key_value_metadata(dict(metadata))
+        writer.add_key_value_metadata(dict(footer()))
     finally:
         writer.close()
     return rows
@@ -272,12 +294,16 @@ def write_archive(
     url: str,
     cluster: str,
     hosts: Iterable[tuple[str, Iterator[pa.RecordBatch]]],
-    expected_rows: Mapping[str, int],
-    metadata: Mapping[str, str],
+    record: CommitRecord | Callable[[], CommitRecord],
     options: ParquetOptions,
     before_publish: Callable[[], None] | None = None,
 ) -> ArchiveInfo:
     """Write, verify and publish one archive; idempotent for an identical commit record.
+
+    `record` may be a function, called once `hosts` is exhausted: the embedded runner
+    streams hosts into the file while later ones are still loading, so the sources are
+    known only at the end. An existing archive is then looked at only if the name turns
+    out to be taken when publishing.
 
     The file is streamed into a `storage.Output` (local: temporary file; S3: multipart
     upload), so it is never whole in memory and nothing is visible under `url` before
@@ -288,29 +314,37 @@ def write_archive(
     `before_publish` runs right before the file becomes visible and may raise to abort
     (the distributed runner checks there that it still owns the cluster's lock).
     """
-    existing = _existing(url, metadata)
-    if existing is not None:
-        return existing
+    if isinstance(record, CommitRecord):
+        existing = _existing(url, record.metadata)
+        if existing is not None:
+            return existing
+    resolved: list[CommitRecord] = []
+
+    def footer() -> Mapping[str, str]:
+        resolved.append(record if isinstance(record, CommitRecord) else record())
+        return resolved[0].metadata
+
     with storage.create(url, exclusive=True) as out:
         # write_parquet consumes the hosts in order and then writes only the page index and
         # the footer: from that mark on the output keeps the bytes for readback(), because
         # an S3 upload cannot be read before it is completed.
         rows = write_parquet(
-            cast(BinaryIO, out), cluster, _then(hosts, out.mark_tail), metadata, options
+            cast(BinaryIO, out), cluster, _then(hosts, out.mark_tail), footer, options
         )
+        [final] = resolved
         out.close()
         with out.readback() as written:
             md = pq.ParquetFile(written).metadata
-        row_groups = verify_metadata(md, expected_rows, metadata, url)
+        row_groups = verify_metadata(md, final.rows, final.metadata, url)
         if before_publish is not None:
             before_publish()
         if not out.commit():  # the name was taken meanwhile; it was not replaced
-            again = _existing(url, metadata)
+            again = _existing(url, final.metadata)
             if again is None:
                 raise ArchiveConflict(f"{url} appeared meanwhile with other content")
             return again
     try:
-        verify(url, expected_rows, metadata)
+        verify(url, final.rows, final.metadata)
     except VerificationError:
         out.retract()  # it is ours (created exclusively) and wrong: no one may rely on it
         raise

@@ -6,13 +6,16 @@ Nothing here knows about Celery or process pools: `runner` (in-process) and `tas
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pyarrow as pa
 
 from . import sink, staging, storage
 from .checkpoint import BadCheckpoint, Series, checkpoint_timestamp, parse_binary, parse_json
@@ -209,27 +212,81 @@ def finalize_cluster(
     before_publish: Callable[[], None] | None = None,
 ) -> sink.ArchiveInfo | None:
     """Stream the cluster's chunks in host order into its verified archive; None if no rows."""
-    check_name(cluster, "cluster")
-    check_name(run_id, "run id")
-    check_cutoff(cutoff)  # the archive's file name
+    _check_finalize_names(cluster, cutoff, run_id)
     for m in manifests:
         check_name(m.host, "host")
     ordered = sorted((m for m in manifests if m.files), key=lambda m: m.host)
     if not any(m.rows for m in ordered):
         return None
-    url = sink.archive_url(archive, cluster, cutoff)
-    hosts = ((m.host, staging.read_chunk(m.chunk)) for m in ordered if m.rows and m.chunk)
     info = sink.write_archive(
-        url,
+        sink.archive_url(archive, cluster, cutoff),
         cluster,
-        hosts,
-        expected_rows={m.host: m.rows for m in ordered},
-        metadata=sink.footer_metadata(cluster, cutoff, run_id, ordered),
-        options=options or sink.ParquetOptions(),
-        before_publish=before_publish,
+        _chunks(ordered),
+        sink.commit_record(cluster, cutoff, run_id, ordered),
+        options or sink.ParquetOptions(),
+        before_publish,
     )
     crash_point("finalize:committed")
     return info
+
+
+@step_context
+def finalize_streaming(
+    cluster: str,
+    cutoff: int,
+    run_id: str,
+    manifests: Iterable[HostManifest],
+    archive: str,
+    options: sink.ParquetOptions | None = None,
+) -> sink.ArchiveInfo | None:
+    """Like `finalize_cluster`, but writing each host as soon as the iterable yields it.
+
+    `manifests` yields in hostname order and may block while a host is still loading: the
+    file is written while later hosts load. If the archive already exists this waits for
+    every host and takes the `finalize_cluster` path (same commit record: nothing to write).
+    """
+    _check_finalize_names(cluster, cutoff, run_id)
+    url = sink.archive_url(archive, cluster, cutoff)
+    fs, path = storage.filesystem(url)
+    arrived = iter(manifests)
+    head: list[HostManifest] = []  # up to the first host with rows: nothing to write before
+    for m in arrived:
+        head.append(m)
+        if m.files and m.rows:
+            break
+    if not any(m.files and m.rows for m in head) or fs.exists(path):
+        return finalize_cluster(cluster, cutoff, run_id, [*head, *arrived], archive, options)
+    seen: list[HostManifest] = []
+
+    def in_order() -> Iterator[HostManifest]:
+        for m in itertools.chain(head, arrived):
+            check_name(m.host, "host")
+            if seen and m.host <= seen[-1].host:
+                raise ValueError(f"{cluster}: hosts out of order ({m.host} after {seen[-1].host})")
+            if m.files:
+                seen.append(m)
+                yield m
+
+    info = sink.write_archive(
+        url,
+        cluster,
+        _chunks(in_order()),
+        lambda: sink.commit_record(cluster, cutoff, run_id, seen),
+        options or sink.ParquetOptions(),
+    )
+    crash_point("finalize:committed")
+    return info
+
+
+def _check_finalize_names(cluster: str, cutoff: int, run_id: str) -> None:
+    check_name(cluster, "cluster")
+    check_name(run_id, "run id")
+    check_cutoff(cutoff)  # the archive's file name
+
+
+def _chunks(manifests: Iterable[HostManifest]) -> Iterator[tuple[str, Iterator[pa.RecordBatch]]]:
+    """(host, its staged batches) for each manifest with rows, in the order given."""
+    return ((m.host, staging.read_chunk(m.chunk)) for m in manifests if m.rows and m.chunk)
 
 
 @step_context

@@ -1,0 +1,180 @@
+"""The embedded runner with a pool: each cluster's finalize writes behind its loads.
+
+With `--workers 2` and more, a thread of the runner writes every host into the Parquet file
+as soon as it and all hosts before it (hostname order) are loaded. These tests check that
+it really overlaps, and that everything the sequential path guarantees still holds when a
+host fails in the middle, when writing fails, and when the archive already exists.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.fixtures_redis import CCARCHIVE, clean_env, drop_dac_prefix
+from tests.helpers import archive_rows, oracle_rows, snapshot, sort_key
+from workers import runner
+from workers.generate import Level, Metric, write_checkpoint
+
+CUTOFF = 100_000_000
+
+
+def write_host(root: Path, cluster: str, host: str, values: int, seed: int) -> list[Path]:
+    """One JSON and one binary file for `host`, `values` values per series."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k, fmt in enumerate(("json", "bin")):
+        start = 1_000_000 + k * 60 * values
+        data = np.round(rng.random(values) * 100, 1)
+        data[rng.random(values) < 0.05] = np.nan
+        lv = Level(
+            {"load": Metric(60, start, data)},
+            {f"socket{s}": Level({"power": Metric(60, start, data + s)}) for s in range(2)},
+        )
+        path = root / cluster / host / f"{start}.{fmt}"
+        write_checkpoint(path, lv, start, start + 60 * values, fmt=fmt)
+        paths.append(path)
+    return paths
+
+
+def expected(cluster: str, host: str, paths: list[Path]) -> list[Any]:
+    return sorted((r for p in paths for r in oracle_rows(cluster, host, p)), key=row_order)
+
+
+def row_order(row: Any) -> Any:
+    return (row[0], *sort_key(row), row[6], row[7])
+
+
+def test_finalize_writes_the_first_hosts_before_the_last_is_loaded(tmp_path: Path) -> None:
+    """The progress callback of the last load to finish holds the runner's main thread
+    (which feeds the finalize thread) until the cluster's temporary Parquet file exists.
+    A finalize that starts only after the last load would never create it in that time.
+    The proof needs a host before the last one in hostname order: h0 is tiny and queued
+    first, h3 is large."""
+    cp, archive = tmp_path / "cp", tmp_path / "archive"
+    sizes = {"h0": 10, "h1": 20, "h2": 20, "h3": 200_000}
+    files = {h: write_host(cp, "c", h, n, i) for i, (h, n) in enumerate(sizes.items())}
+    want = sorted((r for h, p in files.items() for r in expected("c", h, p)), key=row_order)
+    loaded: list[str] = []
+    partial_seen = threading.Event()
+
+    def progress(event: str, cluster: str, detail: dict[str, Any]) -> None:
+        if event != "loaded":
+            return
+        loaded.append(detail["host"])
+        if len(loaded) == len(sizes) and detail["host"] != "h0":
+            for _ in range(1500):  # 30 s
+                if any((archive / "c").glob(f".{CUTOFF}.parquet.*.partial")):
+                    partial_seen.set()
+                    break
+                time.sleep(0.02)
+
+    reports = runner.run(
+        runner.RunOptions(str(cp), CUTOFF, archive=str(archive), workers=2), progress
+    )
+
+    assert loaded[-1] != "h0", loaded  # h0 finishing last would leave nothing to prove
+    assert partial_seen.is_set(), f"no archive was being written while {loaded[-1]} loaded"
+    [report] = reports
+    assert report.ok and report.files_archived == 8 and report.files_deleted == 8
+    rows = archive_rows(archive / "c" / f"{CUTOFF}.parquet")
+    assert rows == sorted(rows, key=sort_key)
+    assert sorted(rows, key=row_order) == want
+    assert list(cp.rglob("*.json")) == list(cp.rglob("*.bin")) == []
+    assert [p.name for p in (archive / "c").iterdir()] == [f"{CUTOFF}.parquet"]
+
+
+def test_a_host_failing_in_the_middle_is_kept_and_the_rest_archived(tmp_path: Path) -> None:
+    """h1's directory is unreadable (mode 000, for a process without the capability to
+    bypass it): its load yields nothing but the report while h0 is already written and h2,
+    h3 come later."""
+    prefix = drop_dac_prefix()
+    if prefix is None:
+        pytest.fail("setpriv is needed to make a directory unreadable to a root process")
+    cp, archive = tmp_path / "cp", tmp_path / "archive"
+    files = {h: write_host(cp, "c", h, 50, i) for i, h in enumerate(["h0", "h1", "h2", "h3"])}
+    want = sorted(
+        (r for h, p in files.items() if h != "h1" for r in expected("c", h, p)), key=row_order
+    )
+    kept = snapshot(cp / "c" / "h1")
+    (cp / "c" / "h1").chmod(0)
+    try:
+        done = subprocess.run(
+            [
+                *prefix,
+                CCARCHIVE,
+                "archive",
+                "--checkpoints",
+                str(cp),
+                "--archive",
+                str(archive),
+                "--cutoff",
+                str(CUTOFF),
+                "--workers",
+                "2",
+            ],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        (cp / "c" / "h1").chmod(0o755)
+
+    assert done.returncode == 1, done.stderr
+    assert f"kept: {cp / 'c' / 'h1'}: cannot list: Permission denied" in done.stderr
+    assert snapshot(cp / "c" / "h1") == kept
+    for host in ("h0", "h2", "h3"):
+        assert not any((cp / "c" / host).iterdir())
+    assert sorted(archive_rows(archive / "c" / f"{CUTOFF}.parquet"), key=row_order) == want
+
+
+def test_writing_failing_midway_keeps_every_file_and_leaves_no_archive(tmp_path: Path) -> None:
+    """The archive root is below a regular file: the finalize thread fails on the first host
+    while the others still load; the run waits for them, keeps everything, reports it."""
+    cp = tmp_path / "cp"
+    for i, h in enumerate(["h0", "h1", "h2"]):
+        write_host(cp, "c", h, 50, i)
+    before = snapshot(cp)
+    (tmp_path / "file").write_text("not a directory")
+
+    [report] = runner.run(
+        runner.RunOptions(str(cp), CUTOFF, archive=str(tmp_path / "file" / "archive"), workers=2)
+    )
+
+    assert not report.ok
+    assert any(e.startswith("archive not written, all files kept") for e in report.errors)
+    assert report.files_deleted == 0 and report.archive is None
+    assert snapshot(cp) == before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_run_after_a_crash_past_the_commit_finds_its_archive(
+    tmp_path: Path, workers: int
+) -> None:
+    """The archive of these very files is already published (a run died before deleting):
+    the streaming finalize sees it, writes nothing, and the files are deleted."""
+    cp, archive = tmp_path / "cp", tmp_path / "archive"
+    for i, h in enumerate(["h0", "h1"]):
+        write_host(cp, "c", h, 50, i)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(cp), str(copy)], check=True)
+    runner.run(runner.RunOptions(str(cp), CUTOFF, archive=str(archive), workers=1))
+    out = archive / "c" / f"{CUTOFF}.parquet"
+    first = (out.read_bytes(), out.stat().st_mtime_ns)
+
+    # The same files again, as if their deletion had never happened, and no recovery (the
+    # run's own finalize must cope): the commit records are equal, nothing is rewritten.
+    [report] = runner.run(
+        runner.RunOptions(str(copy), CUTOFF, archive=str(archive), workers=workers)
+    )
+    assert report.ok, report.errors
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == first
+    assert report.bytes_written == 0
+    assert list(copy.rglob("*.json")) == []
