@@ -188,3 +188,18 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
         rel = str(p.relative_to(root))
         out[rel] = None if p.is_dir() and not p.is_symlink() else p.read_bytes()
     return out
+
+
+def archive_argv(checkpoints: Path, archive: Path | str, cutoff: int, workers: int) -> list[str]:
+    """`ccarchive archive` arguments (after the program name) for an embedded run."""
+    return [
+        "archive",
+        "--checkpoints",
+        str(checkpoints),
+        "--archive",
+        str(archive),
+        "--cutoff",
+        str(cutoff),
+        "--workers",
+        str(workers),
+    ]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import Row, archive_rows, oracle_rows, snapshot
+from tests.helpers import Row, archive_argv, archive_rows, oracle_rows, snapshot
 from workers.faults import POINTS
 from workers.generate import Level, Metric, write_checkpoint
 from workers.locks import DirectoryLock
@@ -64,20 +64,7 @@ def ccarchive(
     if fault is not None:
         full_env["CCARCHIVE_FAULT_FILE"] = str(fault)
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "archive",
-            "--checkpoints",
-            str(cp),
-            "--archive",
-            str(archive),
-            "--cutoff",
-            str(cutoff),
-            "--workers",
-            str(workers),
-        ],
+        [sys.executable, "-m", "workers.cli", *archive_argv(cp, archive, cutoff, workers)],
         capture_output=True,
         text=True,
         env=full_env,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures_redis import CCARCHIVE, clean_env, drop_dac_prefix
-from tests.helpers import archive_rows, oracle_rows, snapshot, sort_key
+from tests.helpers import archive_argv, archive_rows, oracle_rows, snapshot, sort_key
 from workers import runner
 from workers.generate import Level, Metric, write_checkpoint
 
@@ -106,19 +106,7 @@ def test_a_host_failing_in_the_middle_is_kept_and_the_rest_archived(tmp_path: Pa
     (cp / "c" / "h1").chmod(0)
     try:
         done = subprocess.run(
-            [
-                *prefix,
-                CCARCHIVE,
-                "archive",
-                "--checkpoints",
-                str(cp),
-                "--archive",
-                str(archive),
-                "--cutoff",
-                str(CUTOFF),
-                "--workers",
-                "2",
-            ],
+            [*prefix, CCARCHIVE, *archive_argv(cp, archive, CUTOFF, workers=2)],
             env=clean_env(),
             capture_output=True,
             text=True,
