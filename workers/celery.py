@@ -14,6 +14,8 @@ from typing import Any
 from celery import Celery
 from celery.backends.redis import RedisBackend
 from celery.signals import worker_init, worker_process_init
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from . import logs, metrics
 from .config import Settings, load_settings, parse_duration
@@ -135,11 +137,19 @@ class RedisResults(RedisBackend):
     the ConnectionError and the whole chord broke ("Dependency ... raised
     network:ConnectionError"). The step is safe to repeat: Celery's script records each
     member once, and a callback claim left by a lost reply expires after a few seconds.
+    Every command also reconnects and is repeated while Redis is away (see __init__).
     """
 
     def __init__(self, *args: Any, url: str | None = None, **kwargs: Any) -> None:
-        # Chosen by class (Celery(backend=...)), the backend is not handed the URL.
+        # Chosen by class (app.backend_cls), the backend is not handed the URL.
         super().__init__(*args, url=url or kwargs["app"].conf.result_backend, **kwargs)
+        # Celery builds its connection pool without a retry policy, so redis-py does not
+        # retry at all: the first command on a connection that Redis dropped fails. Some of
+        # those failures Celery turns into a broken chord on the spot ("Join error"), past
+        # any retry of ours. Reconnect and repeat each command for about 15 s instead (a
+        # restart; longer outages meet the retries above this level), backing off from
+        # 0.05 s to 1 s. The CLI's polls wait as long before they report the outage.
+        self.connparams["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.05), 20)
 
     def on_chord_part_return(
         self, request: Any, state: str, result: Any, propagate: Any = None, **kwargs: Any
