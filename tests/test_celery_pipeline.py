@@ -49,6 +49,8 @@ from tests.fixtures_redis import (
     worker_argv,
 )
 from tests.helpers import Row, archive_rows, oracle_rows, snapshot, sort_key
+from workers import remote
+from workers.cli import main as cli_main
 from workers.generate import Level, Metric, write_checkpoint
 
 DB = 1  # this module's Redis database
@@ -535,6 +537,36 @@ def test_cli_without_workers_exits_2(redis_server: RedisServer) -> None:
     )
     assert done.returncode == 2
     assert "no Celery worker answers at redis://127.0.0.1" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (remote.RunLost(remote.LOST_RESTART), 1),  # sent, then lost: part may be done
+        (remote.RemoteError("no Celery worker answers at redis://127.0.0.1:1/0"), 2),
+    ],
+)
+def test_a_run_lost_after_it_was_sent_exits_1_one_never_started_exits_2(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    error: Exception,
+    code: int,
+) -> None:
+    """Narrow: the client's exit code for each kind of failure (the Redis-restart tests
+    reach the first one only when the restart falls into the client's wait for launch)."""
+
+    def fail(*_args: Any, **_kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(remote, "submit", fail)
+    monkeypatch.setenv("CCARCHIVE_BROKER_URL", "redis://127.0.0.1:1/0")
+    try:
+        got = cli_main(["archive", "--cutoff", "1", "--checkpoints", str(tmp_path)])
+    except SystemExit as stop:  # how usage errors leave (exit 2, one line)
+        got = stop.code
+    assert got == code
+    assert str(error) in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)

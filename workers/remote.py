@@ -49,6 +49,11 @@ class RemoteError(Exception):
     """The run could not be started: no worker, or the workers refused it."""
 
 
+class RunLost(RemoteError):
+    """The run was sent but can no longer be followed to its end (exit 1, not 2: the
+    workers may have done part of it; the next run finishes the rest)."""
+
+
 @dataclass
 class RemoteRun:
     """What a distributed run produced, as seen by the client."""
@@ -92,7 +97,7 @@ class _Liveness:
             self.unreachable_since = now
             log.warning("lost the broker (%s); waiting for it to come back", exc)
         elif now - self.unreachable_since > BROKER_OUTAGE_SECONDS:
-            raise RemoteError(
+            raise RunLost(
                 f"the broker was unreachable for {BROKER_OUTAGE_SECONDS:.0f} s ({exc}); "
                 "the run may go on on the workers (see the report log)"
             )
@@ -174,7 +179,7 @@ def _wait(app: Any, task_id: str, poll_seconds: float, live: _Liveness) -> Any:
         if ready:
             break
         if live.due() and live.restarted_empty():
-            raise RemoteError(LOST_RESTART)
+            raise RunLost(LOST_RESTART)
         backoff.wait(False)
     meta = ready[0][1]
     if meta["status"] != "SUCCESS":
@@ -366,6 +371,9 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
                 archive=args.archive if settings.mode == "archive" else None,
                 progress=display.update,
             )
+    except RunLost as exc:
+        console.print(f"error: {exc}", markup=False)
+        return EXIT_REPORTED
     except RemoteError as exc:
         raise UsageError(str(exc)) from None
     _print_summary(run.reports, settings.mode)
@@ -375,4 +383,4 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if ok else EXIT_REPORTED
 
 
-__all__ = ["RemoteError", "RemoteRun", "cmd_archive", "submit"]
+__all__ = ["RemoteError", "RemoteRun", "RunLost", "cmd_archive", "submit"]
