@@ -6,6 +6,7 @@ Each crash is a real SIGKILL of the process doing the work (the runner itself wi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -188,6 +189,17 @@ def test_a_locked_cluster_is_skipped_and_untouched(tmp_path: Path) -> None:
     assert not (archive / "alpha").exists()
     assert all(v == before[k] for k, v in snapshot(cp).items() if k.startswith("alpha"))
     assert (archive / "beta" / f"{CUTOFF}.parquet").exists()
+    # The skip is the cluster's last run for `ccarchive status`, like any other outcome.
+    status = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "status", "--archive", str(archive), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    last = {c["cluster"]: c["last_run"] for c in json.loads(status.stdout)["clusters"]}
+    assert last["alpha"]["outcome"] == "error", last
+    assert last["alpha"]["errors"][0].startswith("skipped: "), last
+    assert last["beta"]["outcome"] == "ok", last
 
 
 def test_two_runs_at_once_archive_each_file_once(tmp_path: Path) -> None:

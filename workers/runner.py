@@ -216,15 +216,17 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
     own_staging = options.staging is None and options.mode == "archive"
     staging_url = tempfile.mkdtemp(prefix="ccarchive-staging-") if own_staging else options.staging
     states: dict[str, _ClusterState] = {}
+    started = time.perf_counter()
     for plan in plans:
         report = ClusterReport(plan.cluster, options.cutoff, run_id, hosts=len(plan.hosts))
         report.bad.extend(plan.bad)
-        states[plan.cluster] = _prepare(plan, report, options)
+        state = states[plan.cluster] = _prepare(plan, report, options)
         notify("plan", plan.cluster, {"hosts": len(plan.hosts)})
+        if state.lock is None:  # skipped: recorded like any run (`ccarchive status`, metrics)
+            _finish(state, started, notify)
     plans = [p for p in plans if states[p.cluster].lock is not None]
     if options.staging and options.mode == "archive":
         recovery.sweep_staging(options.staging, run_id, options.grace_seconds)
-    started = time.perf_counter()
     # A thread per cluster writes its archive while its hosts load (see the module's doc).
     streaming = options.workers > 1 and options.mode == "archive"
     finalizers: list[threading.Thread] = []
