@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import (
+    archive_argv,
     archive_rows,
     bin_file,
     bin_level,
@@ -305,6 +306,24 @@ def test_row_groups_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )
     md = pq.ParquetFile(archive / "c" / "100.parquet").metadata
     assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [10, 10, 5, 7]
+
+
+def test_page_rows_setting_reaches_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CCARCHIVE_PAGE_ROWS: the same rows in pages of 50 rows take more bytes (a header per
+    page, less for zstd to find per page) and read back the same."""
+    sizes, rows = {}, {}
+    for page_rows in ("50", "65536"):
+        cp, archive = tmp_path / page_rows / "cp", tmp_path / page_rows / "archive"
+        values = [float(i % 97) for i in range(20_000)]
+        write_json(cp / "c" / "h1" / "100.json", level({"m": metric(values, 1, 100)}))
+        monkeypatch.setenv("CCARCHIVE_PAGE_ROWS", page_rows)
+        assert main(archive_argv(cp, archive, 100_000, workers=1)) == 0
+        out = archive / "c" / "100000.parquet"
+        sizes[page_rows], rows[page_rows] = out.stat().st_size, archive_rows(out)
+    assert sizes["50"] > sizes["65536"] + 400 * 8  # 400 pages of 50 rows, >= 8 bytes each
+    assert rows["50"] == rows["65536"] and len(rows["50"]) == 20_000
 
 
 def test_second_run_same_cutoff_changes_nothing(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ def test_each_layer_wins_over_the_ones_below(
         'retention = "24h"\n'
         'archive = "toml-archive"\n'
         "row_group_rows = 5000\n"
+        "page_rows = 4096\n"
     )
     monkeypatch.setenv("CCARCHIVE_CONFIG", str(toml))
     monkeypatch.setenv("CCARCHIVE_WORKERS", "7")
@@ -77,6 +78,7 @@ def test_each_layer_wins_over_the_ones_below(
     assert s.retention == "12h"  # env > TOML 24h > cc-backend 48h
     assert s.archive == str(toml.parent / "toml-archive")  # TOML > cleanup.directory
     assert s.row_group_rows == 5000  # TOML > default
+    assert s.page_rows == 4096
     assert s.checkpoints == str(ccb.parent / "var" / "checkpoints")  # only cc-backend sets it
     assert s.mode == "archive"
     assert s.staging is None  # nobody sets it: the default
@@ -179,6 +181,7 @@ def test_invalid_value_names_key_and_source(
         ({"c.toml": "workers = \n"}, "is not valid TOML"),
         ({"c.toml": 'mode = "purge"\n'}, "invalid mode (from mode in"),
         ({"c.toml": 'retention = "2 days"\n'}, "invalid retention (from retention in"),
+        ({"c.toml": "page_rows = 0\n"}, "invalid page_rows (from page_rows in"),
         ({"config.json": "{"}, "is not valid JSON"),
         ({"config.json": '{"main": {}}'}, 'has no "metric-store" object'),
         ({"config.json": '{"metric-store": {"cleanup": "archive"}}'}, "metric-store.cleanup in"),

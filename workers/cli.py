@@ -171,7 +171,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
         workers=settings.workers,
         staging=settings.staging,
         parquet=ParquetOptions(
-            row_group_rows=settings.row_group_rows, zstd_level=settings.zstd_level
+            row_group_rows=settings.row_group_rows,
+            zstd_level=settings.zstd_level,
+            page_rows=settings.page_rows,
         ),
         chunk_compression=settings.ipc_compression,
         grace_seconds=settings.grace_seconds,

@@ -149,6 +149,7 @@ class Settings(BaseSettings):
     lock_timeout: str = "24h"  # a cluster lock left behind by a lost run expires after this
 
     row_group_rows: int = Field(default=1_048_576, ge=1)
+    page_rows: int = Field(default=65_536, ge=1)  # rows per data page: the page index's grain
     zstd_level: int = Field(default=3, ge=1, le=22)
     chunk_compression: Literal["lz4", "zstd", "none"] = "lz4"
 

@@ -533,7 +533,9 @@ def finalize_cluster(
                 run_id,
                 manifests,
                 s.archive or "",
-                sink.ParquetOptions(row_group_rows=s.row_group_rows, zstd_level=s.zstd_level),
+                sink.ParquetOptions(
+                    row_group_rows=s.row_group_rows, zstd_level=s.zstd_level, page_rows=s.page_rows
+                ),
                 before_publish=still_ours,
             )
     except Exception as exc:
