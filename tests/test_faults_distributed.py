@@ -44,10 +44,11 @@ from tests.distributed_harness import (
     measure,
     random_tree,
 )
-from tests.fixtures_redis import wait_until
+from tests.fixtures_redis import CCARCHIVE, clean_env, wait_until
 from tests.fixtures_s3 import KEY_ID, S3Bucket
-from tests.helpers import snapshot
+from tests.helpers import archive_argv, snapshot
 from workers.generate import Level, Metric, write_checkpoint
+from workers.locks import DirectoryLock
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -369,6 +370,67 @@ def test_a_manual_run_during_a_running_one_is_skipped(deployment: Factory) -> No
     assert first.returncode == 0, err
     damage = measure(d.checkpoints, d.archive, expected, before)
     assert damage.ok and damage.files_left == 0, damage
+    assert_recovered(d, expected, before)
+
+
+def embedded_run(d: Deployment, cutoff: int) -> subprocess.CompletedProcess[str]:
+    """`ccarchive archive` without a broker on the deployment's tree: the embedded runner."""
+    return subprocess.run(
+        [CCARCHIVE, *archive_argv(d.checkpoints, d.archive, cutoff, workers=1)],
+        env=clean_env(CCARCHIVE_STAGING=str(d.root / "embedded-staging")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_manual_embedded_run_during_a_distributed_one_is_skipped(
+    deployment: Factory,
+) -> None:
+    """The embedded runner locks clusters with flock, the distributed one with Redis: the
+    workers that loaded a cluster's hosts hold its directory shared until their run ends,
+    so an embedded run started meanwhile (here while the archive is being written, all
+    loads done) skips the cluster instead of archiving its files a second time."""
+    d = deployment()
+    expected, before = tree(d, 3)
+    d.start_workers()
+    d.arm("stall finalize:writing")
+    first = d.cli_async("--cutoff", str(CUTOFF))
+    d.wait_stalled()
+
+    manual = embedded_run(d, CUTOFF + 30)
+
+    assert manual.returncode == 1, manual.stderr
+    assert "skipped: another run is archiving" in manual.stdout + manual.stderr
+    d.release()
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    d.wait_quiet()
+    damage = measure(d.checkpoints, d.archive, expected, before)
+    assert damage.ok and damage.files_left == 0, damage
+    # Once the run is over the workers let go: an embedded run goes ahead (nothing left).
+    wait_until(lambda: embedded_run(d, CUTOFF + 60).returncode == 0, 20, "the holds to go")
+
+
+def test_a_distributed_run_during_an_embedded_one_keeps_its_hands_off(
+    deployment: Factory,
+) -> None:
+    """The other way round: while an embedded run holds a cluster, the distributed loads
+    of its hosts report it and keep the files; a later run archives them."""
+    d = deployment()
+    expected, before = tree(d, 6)
+    d.start_workers()
+    clusters = sorted(p.name for p in d.checkpoints.iterdir() if p.is_dir())
+    locks = [DirectoryLock(d.checkpoints / c).acquire() for c in clusters]
+    try:
+        busy = d.cli("--cutoff", str(CUTOFF))
+    finally:
+        for lock in locks:
+            lock.release()
+
+    assert busy.returncode == 1, busy.stderr
+    assert "skipped: another run is archiving" in busy.stderr
+    assert snapshot(d.checkpoints) == before and not any(Path(d.archive).rglob("*.parquet"))
     assert_recovered(d, expected, before)
 
 

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,42 @@ def test_the_runner_archives_on_such_a_file_system_and_still_excludes_a_second_r
 
     free = run()
     assert free["fritz"].ok and len(archive_rows(archive / "fritz" / "200.parquet")) == 2
+
+
+def test_run_holds_keep_a_directory_shared_until_the_run_is_over(tmp_path: Path) -> None:
+    """What a worker process does for a distributed run: hold the cluster directory shared
+    (two runs' workers may share it) until the run's own check says it ended."""
+    running = {"r1"}
+    holds = locks.RunHolds(lambda _cluster, run_id: run_id in running, period=0.05)
+    other = locks.RunHolds(lambda _cluster, _run_id: True, period=0.05)
+    cluster = tmp_path / "fritz"
+    cluster.mkdir()
+
+    holds.hold(cluster, "fritz", "r1")
+    other.hold(cluster, "fritz", "r1")  # another worker process of the same run: shared
+    with pytest.raises(LockBusy):
+        DirectoryLock(cluster, tmp_path / "locks").acquire()
+
+    running.clear()  # the run ended; `other` still holds
+    wait_for(lambda: holds.held() == [], "the hold to be let go")
+    with pytest.raises(LockBusy):
+        DirectoryLock(cluster, tmp_path / "locks").acquire()
+
+
+def test_a_run_hold_is_refused_while_an_embedded_run_has_the_directory(tmp_path: Path) -> None:
+    holds = locks.RunHolds(lambda _cluster, _run_id: True)
+    with (
+        DirectoryLock(tmp_path, tmp_path / "locks"),
+        pytest.raises(LockBusy, match=f"another run is archiving {tmp_path}"),
+    ):
+        holds.hold(tmp_path, "c", "r1")
+    assert holds.held() == []
+    holds.hold(tmp_path, "c", "r1")
+    assert holds.held() == [os.path.realpath(tmp_path)]
+
+
+def wait_for(check: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

@@ -16,6 +16,9 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,48 +47,18 @@ class DirectoryLock:
 
     def acquire(self) -> DirectoryLock:
         """Take the lock or raise LockBusy at once."""
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LockBusy(f"another run is archiving {self.directory}") from None
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in _NO_LOCKS_HERE:
-                raise
-            fd = self._lock_file_instead(exc)
+        fd = _flock(self.directory, fcntl.LOCK_EX, self.directory)
+        if fd is None:
+            stand_in = _stand_in(self.directory, self.fallback_dir)
+            fd = _flock(stand_in, fcntl.LOCK_EX, self.directory)
+            assert fd is not None  # a local file can be locked
+            log.warning(
+                "%s cannot be locked: locked through %s, which only runs on this machine see",
+                self.directory,
+                stand_in,
+            )
         self._fd = fd
         return self
-
-    def _lock_file_instead(self, why: OSError) -> int:
-        """The fallback: flock a local file standing for the directory."""
-        name = hashlib.sha1(os.path.realpath(self.directory).encode()).hexdigest()[:16]
-        path = self.fallback_dir / f"ccarchive-{name}.lock"
-        self.fallback_dir.mkdir(parents=True, exist_ok=True)
-        # Read-only is enough for flock on a local file system, and lets one user lock a
-        # file another user created (opened without O_CREAT when it exists: the kernel's
-        # protected_regular refuses O_CREAT on another user's file in a sticky directory);
-        # O_NOFOLLOW: a planted symlink is refused, not followed.
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LockBusy(f"another run is archiving {self.directory}") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        log.warning(
-            "%s cannot be locked (%s): locked through %s, which only runs on this machine see",
-            self.directory,
-            why.strerror or why,
-            path,
-        )
-        return fd
 
     def release(self) -> None:
         """Drop the lock (idempotent)."""
@@ -100,12 +73,113 @@ class DirectoryLock:
         self.release()
 
 
+class RunHolds:
+    """Shared flocks on cluster directories that a worker process keeps while a
+    distributed run of that cluster goes on.
+
+    An embedded run locks the same directory exclusively (`DirectoryLock`). A distributed
+    run holds a Redis key instead, which the embedded runner cannot see; so each worker
+    process that loads a host also holds the cluster directory shared — and its stand-in
+    lock file, which is what an embedded run locks where the directory cannot be — until
+    `still_running(cluster, run_id)` says the run is over. An embedded run then skips the
+    cluster, and a load that finds an embedded run there keeps its files: the two kinds of
+    run never archive the same files at once.
+    """
+
+    def __init__(self, still_running: Callable[[str, str], bool], period: float = 2.0) -> None:
+        self._still_running = still_running
+        self._period = period
+        self._held: dict[str, tuple[list[int], str, str]] = {}  # dir -> (fds, cluster, run)
+        self._mutex = threading.Lock()
+        self._watcher: threading.Thread | None = None
+
+    def hold(self, directory: Path, cluster: str, run_id: str) -> None:
+        """Hold `directory` shared for this run; LockBusy if an embedded run has it."""
+        key = os.path.realpath(directory)
+        with self._mutex:
+            if key in self._held:
+                kept, _, _ = self._held[key]
+                self._held[key] = (kept, cluster, run_id)  # a later run of the same cluster
+                return
+            fds: list[int] = []
+            try:
+                for target in (directory, _stand_in(directory, local_lock_dir())):
+                    fd = _flock(target, fcntl.LOCK_SH, directory)
+                    if fd is not None:
+                        fds.append(fd)
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            self._held[key] = (fds, cluster, run_id)
+            if self._watcher is None:
+                self._watcher = threading.Thread(
+                    target=self._watch, name="ccarchive-run-holds", daemon=True
+                )
+                self._watcher.start()
+
+    def held(self) -> list[str]:
+        """The directories held now."""
+        with self._mutex:
+            return sorted(self._held)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._period)
+            with self._mutex:
+                entries = list(self._held.items())
+            for key, (fds, cluster, run_id) in entries:
+                try:
+                    over = not self._still_running(cluster, run_id)
+                except Exception:  # Redis away: keep holding, ask again later
+                    continue
+                with self._mutex:
+                    if over and self._held.get(key, (None, None, None))[2] == run_id:
+                        del self._held[key]
+                        for fd in fds:
+                            os.close(fd)
+
+
+def _flock(path: Path, operation: int, directory: Path) -> int | None:
+    """Open and flock `path` (LOCK_EX or LOCK_SH, never blocking): the descriptor, None if
+    this file system cannot lock it, LockBusy (naming `directory`) if another run has it."""
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        # A stand-in lock file. Read-only is enough for flock on a local file system and
+        # lets one user lock a file another user created (opened without O_CREAT when it
+        # exists: the kernel's protected_regular refuses O_CREAT on another user's file in
+        # a sticky directory); O_NOFOLLOW: a planted symlink is refused, not followed.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockBusy(f"another run is archiving {directory}") from None
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in _NO_LOCKS_HERE:
+            return None
+        raise
+    return fd
+
+
+def _stand_in(directory: Path, lock_dir: Path) -> Path:
+    """The local lock file that stands for `directory` where it cannot be locked itself."""
+    name = hashlib.sha1(os.path.realpath(directory).encode()).hexdigest()[:16]
+    return lock_dir / f"ccarchive-{name}.lock"
+
+
 #: flock errors that mean "this file system does not lock", not "someone holds it".
 _NO_LOCKS_HERE = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
 def local_lock_dir() -> Path:
-    """Where fallback lock files go: /run/lock (shared by every user of the machine), else
+    """Where stand-in lock files go: /run/lock (shared by every user of the machine), else
     the temporary directory."""
     run_lock = Path("/run/lock")
     if run_lock.is_dir() and os.access(run_lock, os.W_OK | os.X_OK):

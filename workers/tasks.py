@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -50,7 +51,7 @@ from .config import (
     parse_duration,
     redis_client,
 )
-from .locks import RedisLock
+from .locks import LockBusy, RedisLock, RunHolds
 from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest, SourceFile
 from .runner import new_run_id
 
@@ -100,6 +101,17 @@ def _lock(cluster: str, run_id: str) -> RedisLock:
     return RedisLock(
         _redis(), steps.check_name(cluster, "cluster"), run_id, parse_duration(s.lock_timeout)
     )
+
+
+def _run_goes_on(cluster: str, run_id: str) -> bool:
+    """True while the run still holds its cluster's Redis lock."""
+    holder = _redis().get(_lock(cluster, run_id).key)
+    return (holder.decode() if isinstance(holder, bytes) else holder) == run_id
+
+
+#: This process's shared flocks on the cluster directories it loaded hosts of, kept while
+#: their run goes on: an embedded run on the same tree sees them (workers.locks.RunHolds).
+_holds = RunHolds(_run_goes_on)
 
 
 def _attempt(task: Task) -> int:
@@ -389,6 +401,7 @@ def load_host(self: Task, cluster: str, host: str, cutoff: int, run_id: str) -> 
         )
     _renew(cluster, run_id)
     try:
+        _holds.hold(Path(s.checkpoints or "") / cluster, cluster, run_id)
         found = recovery.recover_cluster(
             s.checkpoints or "", s.archive, cluster, [host], s.grace_seconds
         )
@@ -404,6 +417,8 @@ def load_host(self: Task, cluster: str, host: str, cutoff: int, run_id: str) -> 
         )
     except steps.UnsafeName as exc:
         return _failed_load(cluster, host, cutoff, run_id, str(exc))
+    except LockBusy as exc:  # an embedded run is archiving this cluster: not ours to load
+        return _failed_load(cluster, host, cutoff, run_id, f"skipped: {exc}")
     except Exception as exc:
         if attempt < _max_attempts():
             log.warning(
