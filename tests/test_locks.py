@@ -130,3 +130,16 @@ def wait_for(check: Any, what: str, timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def test_a_forked_child_starts_without_its_parents_holds(tmp_path: Path) -> None:
+    """Celery's prefork pool forks: a child must neither inherit holds it cannot release
+    (no watcher thread there) nor keep the parent's locks alive."""
+    holds = locks.RunHolds(lambda _cluster, _run_id: True)
+    holds.hold(tmp_path, "c", "r1")
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code
+        os._exit(0 if holds.held() == [] else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert holds.held() == [os.path.realpath(tmp_path)]

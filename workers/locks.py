@@ -92,6 +92,17 @@ class RunHolds:
         self._held: dict[str, tuple[list[int], str, str]] = {}  # dir -> (fds, cluster, run)
         self._mutex = threading.Lock()
         self._watcher: threading.Thread | None = None
+        # A forked child (Celery's prefork pool) has no watcher thread: it starts afresh,
+        # and must not keep its parent's locks alive through inherited descriptors.
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        for fds, _, _ in self._held.values():
+            for fd in fds:
+                os.close(fd)
+        self._held = {}
+        self._mutex = threading.Lock()
+        self._watcher = None
 
     def hold(self, directory: Path, cluster: str, run_id: str) -> None:
         """Hold `directory` shared for this run; LockBusy if an embedded run has it."""
