@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.exceptions as redis_errors
+from kombu.exceptions import OperationalError
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -251,7 +253,10 @@ def wait_for_workers(
         for p in procs:
             if not p.alive():
                 pytest.fail(f"{p.name} exited:\n{p.output()[-4000:]}")
-        replies = app.control.ping(timeout=0.5)
+        try:
+            replies = app.control.ping(timeout=0.5)
+        except (OSError, redis_errors.RedisError, OperationalError):
+            return False  # a connection the server dropped: ask again on a fresh one
         got = {n.split("@", 1)[0] for r in replies for n in r}
         return wanted <= got
 
