@@ -170,11 +170,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
         mode=settings.mode,
         workers=settings.workers,
         staging=settings.staging,
-        parquet=ParquetOptions(
-            row_group_rows=settings.row_group_rows,
-            zstd_level=settings.zstd_level,
-            page_rows=settings.page_rows,
-        ),
+        parquet=ParquetOptions.from_settings(settings),
         chunk_compression=settings.ipc_compression,
         grace_seconds=settings.grace_seconds,
         run_log=settings.run_log,

@@ -9,6 +9,7 @@ source file with its size.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -60,6 +61,15 @@ class ParquetOptions:
     #: a host's hardware threads; pyarrow's default of 20 000 costs 6 % more bytes and
     #: 9 % more writer CPU on generated data for finer page skipping than queries need.
     page_rows: int = 65_536
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ParquetOptions:
+        """The options a `workers.config.Settings` asks for."""
+        return cls(
+            row_group_rows=settings.row_group_rows,
+            zstd_level=settings.zstd_level,
+            page_rows=settings.page_rows,
+        )
 
 
 @dataclass(frozen=True)
@@ -315,23 +325,25 @@ def write_archive(
     (the distributed runner checks there that it still owns the cluster's lock).
     """
     if isinstance(record, CommitRecord):
-        existing = _existing(url, record.metadata)
+        existing = existing_archive(url, record.metadata)
         if existing is not None:
             return existing
-    resolved: list[CommitRecord] = []
-
-    def footer() -> Mapping[str, str]:
-        resolved.append(record if isinstance(record, CommitRecord) else record())
-        return resolved[0].metadata
-
+        known = record
+        commit_record_now: Callable[[], CommitRecord] = lambda: known  # noqa: E731
+    else:
+        commit_record_now = functools.cache(record)  # called for the footer, then kept
     with storage.create(url, exclusive=True) as out:
         # write_parquet consumes the hosts in order and then writes only the page index and
         # the footer: from that mark on the output keeps the bytes for readback(), because
         # an S3 upload cannot be read before it is completed.
         rows = write_parquet(
-            cast(BinaryIO, out), cluster, _then(hosts, out.mark_tail), footer, options
+            cast(BinaryIO, out),
+            cluster,
+            _then(hosts, out.mark_tail),
+            lambda: commit_record_now().metadata,
+            options,
         )
-        [final] = resolved
+        final = commit_record_now()
         out.close()
         with out.readback() as written:
             md = pq.ParquetFile(written).metadata
@@ -339,7 +351,7 @@ def write_archive(
         if before_publish is not None:
             before_publish()
         if not out.commit():  # the name was taken meanwhile; it was not replaced
-            again = _existing(url, final.metadata)
+            again = existing_archive(url, final.metadata)
             if again is None:
                 raise ArchiveConflict(f"{url} appeared meanwhile with other content")
             return again
@@ -351,8 +363,9 @@ def write_archive(
     return ArchiveInfo(url=url, rows=rows, bytes=out.size, row_groups=row_groups)
 
 
-def _existing(url: str, metadata: Mapping[str, str]) -> ArchiveInfo | None:
-    """The already published archive when it records the same commit; raise on a conflict.
+def existing_archive(url: str, metadata: Mapping[str, str]) -> ArchiveInfo | None:
+    """The already published archive when it records the same commit (None if there is
+    none); raise ArchiveConflict if another one is there.
 
     The existing file is verified against its own commit record (rows per host) before it
     is trusted: a file that only claims to hold the rows must not let checkpoints go.

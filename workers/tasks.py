@@ -41,7 +41,7 @@ from celery import Task, chord
 from celery.canvas import Signature
 from celery.exceptions import ChordError
 
-from . import ops, recovery, routing, sink, staging, steps, storage
+from . import ops, recovery, routing, sink, staging, steps
 from .celery import app
 from .config import (
     Settings,
@@ -548,9 +548,7 @@ def finalize_cluster(
                 run_id,
                 manifests,
                 s.archive or "",
-                sink.ParquetOptions(
-                    row_group_rows=s.row_group_rows, zstd_level=s.zstd_level, page_rows=s.page_rows
-                ),
+                sink.ParquetOptions.from_settings(s),
                 before_publish=still_ours,
             )
     except Exception as exc:
@@ -656,18 +654,14 @@ def _published_twin(
     that copy had to do is done, by its twin: it goes on instead of reporting "archive not
     written" (deleting again is harmless; the files are listed in a verified archive).
     """
-    ordered = sorted((m for m in manifests if m.files), key=lambda m: m.host)
-    if not any(m.rows for m in ordered):
+    record = sink.commit_record(cluster, cutoff, run_id, manifests)
+    if not any(record.rows.values()):
         return None
-    url = sink.archive_url(settings().archive or "", cluster, cutoff)
-    metadata = sink.footer_metadata(cluster, cutoff, run_id, ordered)
     try:
-        row_groups = sink.verify(url, {m.host: m.rows for m in ordered}, metadata)
-        size = storage.size_of(url)
+        url = sink.archive_url(settings().archive or "", cluster, cutoff)
+        return sink.existing_archive(url, record.metadata)
     except Exception:
-        return None  # not there, or another commit: the failure stands
-    rows = sum(m.rows for m in ordered)
-    return sink.ArchiveInfo(url, rows, size, row_groups, already_existed=True)
+        return None  # unreadable, or another commit: the failure stands
 
 
 def _close(report: ClusterReport, started: float, mode: str) -> dict[str, Any]:
