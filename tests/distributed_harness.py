@@ -27,13 +27,10 @@ import ipaddress
 import json
 import os
 import random
-import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -127,99 +124,6 @@ def make_tls_files(directory: Path) -> TlsFiles:
         )
     )
     return files
-
-
-# --- an S3 endpoint that can go down --------------------------------------------------------
-
-
-class OutageProxy:
-    """A TCP relay to the S3 server that can go down and come back on the same port.
-
-    Unlike tests.fixtures_s3.S3Proxy it keeps its listening socket during an outage and
-    resets every connection instead (the client sees "connection reset"): a freed port
-    may be taken by any process's outgoing connection meanwhile, and the workers were
-    told this port.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self._target = ("127.0.0.1", target_port)
-        self._lock = threading.Lock()
-        self._conns: list[socket.socket] = []
-        self._down = False
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self.port = int(self._listener.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def endpoint_url(self) -> str:
-        """The URL clients use instead of the server's."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def down(self) -> None:
-        """An outage: reset every open connection, and every new one until `up`."""
-        with self._lock:
-            self._down = True
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            _reset(conn)
-
-    def up(self) -> None:
-        """Relay again."""
-        with self._lock:
-            self._down = False
-
-    def close(self) -> None:
-        """Down for good, and release the port."""
-        self.down()
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            with self._lock:
-                down = self._down
-            if down:
-                _reset(client)
-                continue
-            try:
-                upstream = socket.create_connection(self._target)
-            except OSError:
-                _reset(client)
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
-        peers = {a: b, b: a}
-        try:
-            while True:
-                readable, _, _ = select.select([a, b], [], [], 1.0)
-                for sock in readable:
-                    data = sock.recv(1 << 16)
-                    if not data:
-                        return
-                    peers[sock].sendall(data)
-        except (OSError, ValueError):
-            return
-        finally:
-            a.close()
-            b.close()
-
-
-def _reset(conn: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0), like a dropped network path."""
-    try:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()
-    except OSError:
-        pass
 
 
 # --- a redis-server that can be restarted ---------------------------------------------------
@@ -608,17 +512,24 @@ class Deployment:
 # --- input ----------------------------------------------------------------------------------
 
 
-def random_tree(root: Path, rng: random.Random, clusters: int = 3) -> None:
+def random_tree(
+    root: Path,
+    rng: random.Random,
+    clusters: int = 3,
+    max_values: int = 60,
+    untouchable: bool = True,
+) -> None:
     """A random tree: 1..clusters clusters, 1-4 hosts, 1-3 selected files (JSON or binary,
-    some without any value), plus files no run may touch: a future checkpoint, a WAL, a
-    temporary file, a checkpoint with timestamp 0."""
+    up to `max_values` values a series, some without any value), plus, if `untouchable`,
+    files no run may touch: a future checkpoint, a WAL, a temporary file, a checkpoint with
+    timestamp 0."""
     nrng = np.random.default_rng(rng.randrange(2**32))
     for c in range(rng.randint(1, clusters)):
         for h in range(rng.randint(1, 4)):
             d = root / f"c{c}" / f"h{h}"
             for k in range(rng.randint(1, 3)):
                 start = 1_000_000 + k * 3000 + rng.choice([0, 0, 1500])  # sometimes overlapping
-                n = rng.randint(0, 60)
+                n = rng.randint(0, max_values)
                 values = np.round(nrng.random(n) * 100, 1)
                 values[nrng.random(n) < 0.2] = np.nan
                 lv = Level(
@@ -627,6 +538,8 @@ def random_tree(root: Path, rng: random.Random, clusters: int = 3) -> None:
                 )
                 fmt = rng.choice(["json", "bin"])
                 write_checkpoint(d / f"{start}.{fmt}", lv, start, start + 3000, fmt=fmt)
+            if not untouchable:
+                continue
             lv = Level({"m": Metric(60, NEVER, np.arange(5.0))})
             write_checkpoint(d / f"{NEVER}.json", lv, NEVER, NEVER + 300)
             (d / "current.wal").write_bytes(b"\x00wal")

@@ -3,8 +3,8 @@
 Like s3fs's own test suite, the server is a subprocess (`python -m moto.server`) started
 once per session on a free port and stopped by its pid at the end; every test gets a fresh
 bucket. `S3Proxy` sits between the archiver and the server when a test needs the network to
-fail: it can drop every connection and refuse new ones (an outage) while the server, and
-so the state of its uploads, lives on.
+fail: it can reset every connection, open or new (an outage), while the server, and so
+the state of its uploads, lives on.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -174,67 +175,70 @@ def s3_bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Itera
 
 
 class S3Proxy:
-    """A TCP relay to the S3 server that can go down (drop all connections, refuse new
-    ones) and come back up on the same port, while the server keeps its state."""
+    """A TCP relay to the S3 server that can go down and come back on the same port,
+    while the server, and so the state of its uploads, lives on.
+
+    During an outage it keeps its listening socket and resets every connection (the
+    client sees "connection reset"): a freed port could be taken by any process's
+    outgoing connection meanwhile, and the clients were told this port.
+    """
 
     def __init__(self, target_port: int) -> None:
-        self.port = free_port()
         self._target = ("127.0.0.1", target_port)
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self.up()
+        self._down = False
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def endpoint_url(self) -> str:
         """The URL clients use instead of the server's."""
         return f"http://127.0.0.1:{self.port}"
 
-    def up(self) -> None:
-        """Accept connections again."""
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
     def down(self) -> None:
-        """An outage: close the listener and reset every open connection."""
+        """An outage: reset every open connection, and every new one until `up`."""
         with self._lock:
-            listener, self._listener = self._listener, None
+            self._down = True
             conns, self._conns = self._conns, []
-        if listener is not None:
-            listener.close()
         for conn in conns:
-            try:
-                conn.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                )
-                conn.close()
-            except OSError:
-                pass
+            _reset(conn)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def up(self) -> None:
+        """Relay again."""
+        with self._lock:
+            self._down = False
+
+    def close(self) -> None:
+        """Down for good, and release the port."""
+        self.down()
+        self._listener.close()
+
+    def _accept(self) -> None:
         while True:
             try:
-                client, _ = listener.accept()
+                client, _ = self._listener.accept()
             except OSError:
-                return  # closed by down()
+                return  # closed
+            with self._lock:
+                down = self._down
+            if down:
+                _reset(client)
+                continue
             try:
                 upstream = socket.create_connection(self._target)
             except OSError:
-                client.close()
+                _reset(client)
                 continue
             with self._lock:
-                if self._listener is not listener:
-                    client.close()
-                    upstream.close()
-                    return
                 self._conns += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
         try:
             while True:
@@ -249,3 +253,12 @@ class S3Proxy:
         finally:
             a.close()
             b.close()
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), like a dropped network path."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    except OSError:
+        pass

@@ -226,15 +226,14 @@ class _S3:
     saved: dict[str, dict[str, Any]] | None = None  # this process's storage options before
 
     def new(self) -> tuple[Any, Any]:
-        from tests.distributed_harness import OutageProxy
-        from tests.fixtures_s3 import KEY_ID, SECRET, S3Bucket
+        from tests.fixtures_s3 import KEY_ID, SECRET, S3Bucket, S3Proxy
 
         if self.proxy is not None:
             self.proxy.close()
         name = f"stress-{uuid.uuid4().hex[:12]}"
         self.bucket = S3Bucket(name, self.moto.endpoint_url, self.moto.client())
         self.bucket.client.create_bucket(Bucket=name)
-        self.proxy = OutageProxy(int(self.moto.endpoint_url.rsplit(":", 1)[1]))
+        self.proxy = S3Proxy(int(self.moto.endpoint_url.rsplit(":", 1)[1]))
         if self.saved is None:
             self.saved = storage.current_options()
         storage.configure(

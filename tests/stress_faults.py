@@ -16,11 +16,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from tests.distributed_harness import random_tree
 from tests.helpers import Row, archive_rows, oracle_rows, snapshot
 from workers.faults import POINTS
-from workers.generate import Level, Metric, write_checkpoint
 from workers.sink import footer_sources, read_footer
 
 
@@ -33,26 +31,6 @@ class TrialResult:
     rows_lost: int
     rows_duplicated: int
     files_wrongly_deleted: int
-
-
-def random_tree(root: Path, rng: random.Random) -> None:
-    """A small random tree: 1–3 clusters, 1–4 hosts, 1–3 files, JSON or binary."""
-    nrng = np.random.default_rng(rng.randrange(2**32))
-    for c in range(rng.randint(1, 3)):
-        for h in range(rng.randint(1, 4)):
-            for k in range(rng.randint(1, 3)):
-                start = 1_000_000 + k * 3000 + rng.choice([0, 0, 1500])  # sometimes overlapping
-                n = rng.randint(0, 80)
-                values = np.round(nrng.random(n) * 100, 1)
-                values[nrng.random(n) < 0.2] = np.nan
-                lv = Level(
-                    {"m": Metric(60, start, values)},
-                    {"cpu3": Level({"x": Metric(10, start, values[::-1])})},
-                )
-                fmt = rng.choice(["json", "bin"])
-                write_checkpoint(
-                    root / f"c{c}" / f"h{h}" / f"{start}.{fmt}", lv, start, start + 3000, fmt=fmt
-                )
 
 
 def damage(
@@ -85,7 +63,7 @@ def run_trial(point: str, seed: int, work: Path) -> TrialResult:
 
     rng = random.Random(seed)
     cp, archive = work / "cp", work / "archive"
-    random_tree(cp, rng)
+    random_tree(cp, rng, max_values=80, untouchable=False)
     expected = {
         str(p.relative_to(cp)): oracle_rows(p.parent.parent.name, p.parent.name, p)
         for p in sorted(cp.rglob("*"))

@@ -37,7 +37,6 @@ import requests
 from tests.distributed_harness import (
     CUTOFF,
     Deployment,
-    OutageProxy,
     big_tree,
     expected_rows,
     make_tls_files,
@@ -45,7 +44,7 @@ from tests.distributed_harness import (
     random_tree,
 )
 from tests.fixtures_redis import CCARCHIVE, clean_env, wait_until
-from tests.fixtures_s3 import KEY_ID, S3Bucket
+from tests.fixtures_s3 import KEY_ID, S3Bucket, S3Proxy
 from tests.helpers import archive_argv, snapshot
 from workers.generate import Level, Metric, write_checkpoint
 from workers.locks import DirectoryLock
@@ -247,7 +246,7 @@ def test_a_finalize_delivered_twice_runs_next_to_itself_and_both_succeed(
 def s3_deployment(
     make: Factory,
     bucket: S3Bucket,
-    proxy: OutageProxy,
+    proxy: S3Proxy,
     grace: str = "1h",
     password: str | None = None,
     secret: str = "testing-secret",
@@ -279,26 +278,35 @@ def s3_deployment(
 
 
 @pytest.fixture
-def s3_proxy(s3_bucket: S3Bucket) -> Iterator[OutageProxy]:
+def s3_proxy(s3_bucket: S3Bucket) -> Iterator[S3Proxy]:
     """A relay to the moto server that a test can take down (an S3 outage)."""
-    proxy = OutageProxy(int(s3_bucket.endpoint_url.rsplit(":", 1)[1]))
+    proxy = S3Proxy(int(s3_bucket.endpoint_url.rsplit(":", 1)[1]))
     try:
         yield proxy
     finally:
         proxy.close()
 
 
-@pytest.mark.timeout(180)
-def test_s3_outage_mid_upload_fails_finalize_then_next_run_archives(
-    deployment: Factory, s3_bucket: S3Bucket, s3_proxy: OutageProxy
-) -> None:
-    d = s3_deployment(deployment, s3_bucket, s3_proxy, grace="2s")
+def stalled_big_run(
+    d: Deployment,
+) -> tuple[dict[str, Any], dict[str, bytes | None], subprocess.Popen[str]]:
+    """Expected rows, snapshot and the CLI of a run on `big_tree`, stalled while writing
+    the archive after its first row group (on S3: one 5 MiB upload part stored)."""
     big_tree(d.checkpoints)
     expected, before = expected_rows(d.checkpoints), snapshot(d.checkpoints)
     d.start_workers()
-    d.arm("stall finalize:writing")  # after the first row group: one 5 MiB part stored
+    d.arm("stall finalize:writing")
     run = d.cli_async("--cutoff", str(CUTOFF))
     d.wait_stalled()
+    return expected, before, run
+
+
+@pytest.mark.timeout(180)
+def test_s3_outage_mid_upload_fails_finalize_then_next_run_archives(
+    deployment: Factory, s3_bucket: S3Bucket, s3_proxy: S3Proxy
+) -> None:
+    d = s3_deployment(deployment, s3_bucket, s3_proxy, grace="2s")
+    expected, before, run = stalled_big_run(d)
     assert s3_bucket.pending_uploads("archive/") == [f"archive/big/{CUTOFF}.parquet"]
 
     s3_proxy.down()  # for longer than finalize's retries: it gives up
@@ -326,15 +334,10 @@ def test_s3_outage_mid_upload_fails_finalize_then_next_run_archives(
 
 @pytest.mark.timeout(180)
 def test_s3_outage_shorter_than_the_retries_the_run_succeeds(
-    deployment: Factory, s3_bucket: S3Bucket, s3_proxy: OutageProxy
+    deployment: Factory, s3_bucket: S3Bucket, s3_proxy: S3Proxy
 ) -> None:
     d = s3_deployment(deployment, s3_bucket, s3_proxy, CCARCHIVE_RETRY_DELAY="2")
-    big_tree(d.checkpoints)
-    expected, before = expected_rows(d.checkpoints), snapshot(d.checkpoints)
-    d.start_workers()
-    d.arm("stall finalize:writing")
-    run = d.cli_async("--cutoff", str(CUTOFF))
-    d.wait_stalled()
+    expected, before, run = stalled_big_run(d)
 
     s3_proxy.down()
     d.release()
@@ -642,7 +645,7 @@ def all_redis_values(d: Deployment) -> str:
 
 @pytest.mark.timeout(180)
 def test_password_redis_and_s3_credentials_never_in_logs_messages_or_flower(
-    deployment: Factory, s3_bucket: S3Bucket, s3_proxy: OutageProxy
+    deployment: Factory, s3_bucket: S3Bucket, s3_proxy: S3Proxy
 ) -> None:
     password = f"redis-pw-{uuid.uuid4().hex}"
     secret = f"s3-secret-{uuid.uuid4().hex}"  # moto accepts any secret key

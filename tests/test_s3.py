@@ -333,7 +333,7 @@ def test_outage_mid_upload_then_next_run_aborts_the_orphaned_upload(
     assert report.ok, report.errors
     assert s3_bucket.pending_uploads() == []
     check_big_archive(read_s3_table(s3_bucket, f"archive/{CLUSTER}/{CUTOFF}.parquet"), values)
-    proxy.down()
+    proxy.close()
 
 
 def test_worker_killed_mid_upload_then_next_run_succeeds(
