@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import archive_argv, archive_rows, oracle_rows, snapshot
+from tests.stress_mutations import run_trial
 from workers import runner, sink, sourcefiles, steps
 from workers.checkpoint import BadCheckpoint
 from workers.generate import Level, Metric, write_checkpoint
@@ -283,3 +284,12 @@ def test_delete_mode_keeps_a_file_replaced_after_listing(
     assert result.deleted == [] and target.exists()
     assert "changed after it was read" in result.kept[0].reason
     assert keep.exists()
+
+
+def test_random_mutations_lose_nothing(mutation_trial: tuple[str, int], tmp_path: Path) -> None:
+    """One seeded trial per mutation kind (tests/stress_mutations.py; --stress N for N)."""
+    kind, seed = mutation_trial
+    result = run_trial(kind, seed, tmp_path)
+    assert result.mutations > 0
+    assert (result.values_lost, result.files_wrongly_deleted) == (0, 0), result.notes
+    assert (result.outside_changed, result.hangs) == (0, 0)
