@@ -164,10 +164,13 @@ def _rows_of(cluster: str, host: str, name: str, data: bytes) -> list[Row] | Non
             return None
 
 
-def _run(cp: Path, archive: Path, cutoff: int, workers: int) -> subprocess.Popen[bytes]:
+def _run(
+    cp: Path, archive: Path, cutoff: int, workers: int, staging: Path
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
+    argv = [*archive_argv(cp, archive, cutoff, workers), "--staging", str(staging)]
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", *archive_argv(cp, archive, cutoff, workers)],
+        [sys.executable, "-m", "workers.cli", *argv],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -196,15 +199,26 @@ def run_trial(kind: str, seed: int, work: Path) -> TrialResult:
     mutator = Mutator(cp, outside, kind, rng)
     result = TrialResult(kind, 0)
     workers = rng.choice([1, 2])
-    proc = _run(cp, archive, CUTOFF, workers)
-    moments = sorted(rng.uniform(0.0, 2.0) for _ in range(rng.randint(1, 3)))
+    staging = work / "staging"
+    proc = _run(cp, archive, CUTOFF, workers, staging)
     started = time.monotonic()
+    if rng.random() < 0.5:
+        # Half the trials strike once a host is staged: between its load and its deletion,
+        # the window a random moment rarely hits on a small tree.
+        while proc.poll() is None and not any(staging.rglob("*.arrow")):
+            if time.monotonic() - started > RUN_TIMEOUT:
+                break
+            time.sleep(0.001)
+        started = time.monotonic()
+        moments = sorted(rng.uniform(0.0, 0.05) for _ in range(rng.randint(1, 3)))
+    else:
+        moments = sorted(rng.uniform(0.0, 2.0) for _ in range(rng.randint(1, 3)))
     for moment in moments:
         time.sleep(max(0.0, moment - (time.monotonic() - started)))
         mutator.mutate_one()
     outside_before = snapshot(outside)
     result.hangs += not _wait(proc)
-    result.hangs += not _wait(_run(cp, archive, CUTOFF + 60, workers))
+    result.hangs += not _wait(_run(cp, archive, CUTOFF + 60, workers, staging))
     result.mutations = mutator.count
 
     finals = [p for p in archive.rglob("*.parquet") if not p.name.startswith(".")]
