@@ -247,7 +247,13 @@ def test_storage_takes_local_names_literally(tmp_path: Path) -> None:
 # --- S3 archive and staging --------------------------------------------------------------------
 
 
-S3_CLUSTERS = {"cl": FEW, "cl::x": ["h", "h*"], "c[l]": ["h", "h#1"], "~c": ["-h", "file:h"]}
+S3_CLUSTERS = {
+    "cl": FEW,
+    "cl::x": ["h", "h*"],
+    "c[l]": ["h", "h#1"],
+    "~c": ["-h", "file:h"],
+    "ünï☃": ["é☃", "h'\"", "h x"],
+}
 
 
 def test_special_names_keep_their_own_rows_s3(tmp_path: Path, s3_bucket: S3Bucket) -> None:
@@ -473,3 +479,25 @@ def test_full_archive_disk_exits_1_and_keeps_everything(tmp_path: Path) -> None:
     assert snapshot(cp) == before  # no checkpoint deleted
     assert files_under(stage) == set()
     assert len(files) == 1
+
+
+def test_names_s3_cannot_list_are_refused_for_s3(tmp_path: Path, s3_bucket: S3Bucket) -> None:
+    """U+FFFE/U+FFFF are fine in a directory name but not in S3's XML listings: a host or
+    cluster so named is refused and reported for S3 staging and archives, files kept."""
+    cp = tmp_path / "cp"
+    files = build(cp, {"cl": ["h", "h\uffff"], "c\ufffe": ["h"]})
+    before = snapshot(cp)
+    archive, staging = f"{s3_bucket.url}/archive", f"{s3_bucket.url}/staging"
+
+    proc = cli(*archive_argv(cp, archive, CUTOFF, 1), "--staging", staging, env=s3_bucket.env())
+
+    out = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    assert "cannot be stored in S3" in out
+    assert s3_bucket.keys() == [f"archive/cl/{CUTOFF}.parquet"]
+    assert s3_bucket.pending_uploads() == []
+    body = s3_bucket.client.get_object(Bucket=s3_bucket.name, Key=f"archive/cl/{CUTOFF}.parquet")
+    check_archive(body["Body"].read(), "cl", files, ["h"])
+    after = snapshot(cp)
+    assert set(before) - set(after) == {f"cl/h/{files['cl', 'h'].name}"}

@@ -36,6 +36,8 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from .manifest import shown_name
+
 log = logging.getLogger(__name__)
 
 #: Extra keyword arguments per protocol (e.g. S3 endpoint and credentials), set once per
@@ -179,6 +181,22 @@ def _literal_s3_class() -> type[AbstractFileSystem]:
     return _S3_CLASS
 
 
+#: Characters S3 cannot list: its listings are XML 1.0, which has no way to write these
+#: (S3 answers with an error, or a listing no parser reads, and a prefix holding such a key
+#: could never be cleaned up again). Undecodable bytes (surrogates) are not UTF-8 at all.
+_NOT_IN_S3 = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def check_s3_key(path: str) -> str:
+    """Return `bucket/key` if S3 can store and list it, else raise ValueError naming it."""
+    bad = _NOT_IN_S3.search(path)
+    if bad is None:
+        return path
+    code = ord(bad.group())
+    why = "not UTF-8" if 0xD800 <= code <= 0xDFFF else f"U+{code:04X} cannot appear in its listings"
+    raise ValueError(f"{shown_name(path)} cannot be stored in S3: {why}")
+
+
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
     """The filesystem for a URL and the path inside it, taken literally.
 
@@ -191,7 +209,7 @@ def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
     if protocol == "file":
         return LiteralLocalFileSystem(**kwargs), os.path.abspath(rest)
     if protocol == "s3":
-        return _literal_s3_class()(**kwargs), rest
+        return _literal_s3_class()(**kwargs), check_s3_key(rest)
     # Any other fsspec backend: one filesystem, never a chain (`::` is not split).
     cls = fsspec.get_filesystem_class(protocol)
     fs = cls(**{**cls._get_kwargs_from_urls(url), **kwargs})
