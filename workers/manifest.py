@@ -6,6 +6,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def shown_name(name: str) -> str:
+    """A name or path as reports show it: itself when printable UTF-8, else quoted with
+    its control characters and undecodable bytes escaped (`'a\\tb'`, `'a\\xffb'`)."""
+    try:  # undecodable bytes from a directory listing come as surrogate escapes
+        text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # any other lone surrogate (from a JSON message)
+        text = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    if text == name and name.isprintable():
+        return name
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return f"'{escaped}'"
+
+
 @dataclass(frozen=True)
 class SourceFile:
     """A checkpoint file as read: its name in the host directory, size, row count and identity.

@@ -365,7 +365,7 @@ def cluster_status(
                     now = present.get(host, {}).get(f["name"])
                     if now is not None:
                         source = SourceFile.from_dict(f)
-                        path = Path(checkpoints) / cluster / host / source.name
+                        file_path = Path(checkpoints) / cluster / host / source.name
                         status.pending.append(
                             PendingFile(
                                 host=host,
@@ -373,7 +373,7 @@ def cluster_status(
                                 archive=url,
                                 archived_size=int(f["size"]),
                                 size=now,
-                                action="delete" if _unchanged(path, source) else "keep",
+                                action="delete" if _unchanged(file_path, source) else "keep",
                             )
                         )
     return status

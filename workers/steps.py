@@ -20,7 +20,7 @@ from . import sink, staging, storage
 from .checkpoint import BadCheckpoint, Series, checkpoint_timestamp, parse_binary, parse_json
 from .faults import crash_point
 from .logs import step_context
-from .manifest import BadFile, DeleteResult, HostManifest, SourceFile
+from .manifest import BadFile, DeleteResult, HostManifest, SourceFile, shown_name
 from .rows import RowDigest, count_values, host_table, table_digest
 from .sourcefiles import Listed, delete_if_unchanged, listed_identity, read_listed
 
@@ -67,14 +67,19 @@ def host_dir(checkpoints: str | Path, cluster: str, host: str) -> Path:
 
 @dataclass
 class ClusterPlan:
-    """A cluster found under the checkpoint root, with its host directories."""
+    """A cluster found under the checkpoint root, with its host directories.
+
+    `refused`: the directory's name is not safe (control character, not UTF-8): `cluster`
+    is then its printable form (`shown_name`), `bad` says why, and nothing in it is touched.
+    """
 
     cluster: str
     hosts: list[str] = field(default_factory=list)
     bad: list[BadFile] = field(default_factory=list)
+    refused: bool = False
 
 
-def _subdirs(path: Path) -> tuple[list[str], list[BadFile]]:
+def _subdirs(path: Path, what: str) -> tuple[list[str], list[BadFile]]:
     names: list[str] = []
     bad: list[BadFile] = []
     with os.scandir(path) as entries:
@@ -83,27 +88,33 @@ def _subdirs(path: Path) -> tuple[list[str], list[BadFile]]:
             if not entry.is_dir(follow_symlinks=False):
                 continue
             try:
-                names.append(check_name(entry.name))
+                names.append(check_name(entry.name, what))
             except UnsafeName as exc:
-                bad.append(BadFile(os.path.join(path, entry.name), str(exc)))
+                shown = os.path.join(shown_name(str(path)), shown_name(entry.name))
+                bad.append(BadFile(shown, f"refused {what} directory: {exc}"))
     # Code point order equals UTF-8 byte order: the archive's host order.
     return sorted(names), bad
 
 
 def discover(checkpoints: str | Path) -> list[ClusterPlan]:
-    """Clusters and their hosts under the checkpoint root; unreadable directories reported."""
+    """Clusters and their hosts under the checkpoint root; unreadable directories reported.
+
+    A cluster directory whose name is refused comes back as a plan with `refused` set, so
+    it is reported (exit 1) like any other kept input, never silently skipped.
+    """
     root = Path(checkpoints)
-    clusters, bad_clusters = _subdirs(root)
+    clusters, bad_clusters = _subdirs(root, "cluster")
     plans: list[ClusterPlan] = []
     for cluster in clusters:
         plan = ClusterPlan(cluster)
         try:
-            plan.hosts, plan.bad = _subdirs(root / cluster)
+            plan.hosts, plan.bad = _subdirs(root / cluster, "host")
         except OSError as exc:
             plan.bad.append(BadFile(str(root / cluster), f"cannot list: {exc.strerror or exc}"))
         plans.append(plan)
-    if bad_clusters:
-        log.warning("skipped directories with unsafe names: %s", bad_clusters)
+    for bad in bad_clusters:
+        log.warning("refused a cluster directory: %s: %s", bad.path, bad.reason)
+        plans.append(ClusterPlan(os.path.basename(bad.path), bad=[bad], refused=True))
     return plans
 
 

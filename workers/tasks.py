@@ -287,7 +287,12 @@ def discover(queue: str) -> dict[str, Any]:
     return {
         "queue": queue,
         "clusters": [
-            {"cluster": p.cluster, "hosts": p.hosts, "bad": [asdict(b) for b in p.bad]}
+            {
+                "cluster": p.cluster,
+                "hosts": p.hosts,
+                "bad": [asdict(b) for b in p.bad],
+                **({"refused": True} if p.refused else {}),
+            }
             for p in plans
         ],
     }
@@ -316,6 +321,16 @@ def launch(
         except Exception as exc:
             log.warning("staging sweep failed: %s", _error(exc))
     entries = []
+    # Cluster directories whose names are refused: reported (exit 1), nothing else done.
+    refused: dict[str, list[dict[str, str]]] = {}
+    for d in discoveries:
+        for c in d.get("clusters", []):
+            if c.get("refused") and not clusters:
+                refused.setdefault(c["cluster"], c.get("bad", []))
+        d["clusters"] = [c for c in d.get("clusters", []) if not c.get("refused")]
+    for name, bad in sorted(refused.items()):
+        report = ClusterReport(name, cutoff, run_id, bad=[BadFile(**b) for b in bad])
+        entries.append({"cluster": name, "hosts": {}, "report": _close(report, started, mode)})
     for ch in routing.select_hosts(discoveries, router()):
         if clusters and ch.cluster not in clusters:
             continue
