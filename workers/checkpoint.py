@@ -121,6 +121,8 @@ def _loads(data: bytes) -> Any:
                 f"nesting deeper than {JSON_MAX_NESTING} JSON objects and arrays "
                 f"at byte {exc.pos} (levels may nest {MAX_DEPTH} deep)"
             ) from None
+        if "memory" in exc.msg:  # orjson could not allocate: not the file's fault
+            raise BadCheckpoint(f"out of memory while parsing the JSON: {exc.msg}") from None
         raise BadCheckpoint(f"invalid JSON: {exc}") from exc
 
 
