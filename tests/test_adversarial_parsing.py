@@ -464,3 +464,20 @@ def test_inspect_and_query_refuse_a_fifo_without_blocking(tmp_path: Path) -> Non
     proc = _run(["-m", "workers.cli", *argv], tmp_path, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"problem: {fifo}: not a regular file" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"cutoff": 2**63}, {"cutoff": 0}, {"cutoff": "5"}, {"retention": "2000000h"}],
+)
+def test_the_plan_task_refuses_a_cutoff_out_of_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, object]
+) -> None:
+    # The distributed entry point (beat, or a forged message): refused before anything runs.
+    from workers import tasks
+
+    for key in ("checkpoints", "archive", "staging"):
+        (tmp_path / key).mkdir()
+        monkeypatch.setenv(f"CCARCHIVE_{key.upper()}", str(tmp_path / key))
+    result = tasks.plan.run(mode="archive", **kwargs)
+    assert result.keys() == {"error"} and "cutoff" in result["error"]
