@@ -26,6 +26,12 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 CHECKPOINT_SUFFIXES = (".json", ".bin")
 
+#: How deep levels may nest below the top level (node -> socket -> core -> hwthread is 3).
+#: A deeper file is bad: a nesting bomb must cost neither quadratic time nor memory.
+MAX_DEPTH = 64
+#: orjson refuses documents nested deeper than this (objects and arrays together).
+JSON_MAX_NESTING = 1024
+
 # Order matters: "cpu" must not shadow "core", and "hwthread" is tried before "cpu".
 _SCOPE_PREFIXES = (
     ("socket", "socket"),
@@ -106,16 +112,33 @@ _VALUE_TYPES = frozenset({float, int, type(None), _NegativeZero})
 
 
 def _loads(data: bytes) -> Any:
+    """The document as orjson reads it; BadCheckpoint if it is no JSON or nested too deep."""
     try:
-        doc = orjson.loads(data)
+        return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in exc.msg or "recursion limit" in exc.msg:
+            raise BadCheckpoint(
+                f"nesting deeper than {JSON_MAX_NESTING} JSON objects and arrays "
+                f"at byte {exc.pos} (levels may nest {MAX_DEPTH} deep)"
+            ) from None
+        if "memory" in exc.msg:  # orjson could not allocate: not the file's fault
+            raise BadCheckpoint(f"out of memory while parsing the JSON: {exc.msg}") from None
         raise BadCheckpoint(f"invalid JSON: {exc}") from exc
-    if b"-0" in data and _NEG_ZERO_INT.search(data):
-        # Rare (the upstream writer prints "-0.0"): re-parse keeping the sign of `-0`.
-        import json
 
-        doc = json.loads(data, parse_int=_parse_int_keep_negative_zero)
-    return doc
+
+def _loads_keeping_negative_zero(data: bytes) -> Any:
+    """The document as the standard library reads it, with the integer `-0` as -0.0."""
+    import json
+
+    try:
+        return json.loads(data, parse_int=_parse_int_keep_negative_zero)
+    except RecursionError:
+        # Only unknown keys can still nest this deep: the levels were checked before.
+        raise BadCheckpoint(
+            "nested too deep for Python's JSON parser (needed to keep the sign of -0)"
+        ) from None
+    except MemoryError:
+        raise BadCheckpoint("out of memory re-reading the file to keep the sign of -0") from None
 
 
 def _parse_int_keep_negative_zero(text: str) -> int | float:
@@ -132,19 +155,19 @@ def _as_int64(value: Any, what: str) -> int:
     return value
 
 
-def _json_values(data: Any, where: str) -> np.ndarray:
+def _json_values(data: Any) -> np.ndarray:
     if not isinstance(data, list):
-        raise BadCheckpoint(f"{where}: data is not an array")
+        raise BadCheckpoint("data is not an array")
     if not _VALUE_TYPES.issuperset(map(type, data)):
         bad = next(v for v in data if type(v) not in _VALUE_TYPES)
-        raise BadCheckpoint(f"{where}: value {bad!r:.40} is not a number or null")
+        raise BadCheckpoint(f"value {bad!r:.40} is not a number or null")
     try:
         # None becomes NaN here; huge integers that overflow float64 raise.
         values64 = np.array(data, dtype=np.float64)
     except OverflowError as exc:
-        raise BadCheckpoint(f"{where}: a value overflows float64") from exc
+        raise BadCheckpoint("a value overflows float64") from exc
     if values64.ndim != 1:
-        raise BadCheckpoint(f"{where}: data is not a flat array")
+        raise BadCheckpoint("data is not a flat array")
     with np.errstate(over="ignore"):
         # float64 -> float32 rounds to nearest-even and saturates to ±inf: Go's float32(x).
         return values64.astype(np.float32)
@@ -166,52 +189,86 @@ def parse_json(data: bytes) -> list[Series]:
 
 
 def _parse_json_general(data: bytes) -> list[Series]:
-    return _walk_json(_loads(data), _json_values)
+    doc = _loads(data)
+    if b"-0" in data and _NEG_ZERO_INT.search(data):
+        # Rare (the upstream writer prints "-0.0"): orjson reads the integer `-0` as 0, the
+        # standard library keeps its sign. Its parser recurses, so it gets only a document
+        # whose levels were checked (depth included) on orjson's reading first.
+        _walk_json(doc, _json_values)
+        doc = _loads_keeping_negative_zero(data)
+    return _walk_json(doc, _json_values)
 
 
-def _walk_json(doc: Any, values_of: Callable[[Any, str], np.ndarray]) -> list[Series]:
-    """Series of a parsed document, levels depth first; `values_of(data, where)` decodes."""
+# Where a level sits, for messages only: a chain (name, parent's chain), None at the top.
+# Levels share their parents' links, so a deep file costs one small tuple per level, not
+# one path string per level (quadratic in the depth).
+_Trail = tuple[str, Any] | None
+
+
+def _path(names: list[str]) -> str:
+    """`/socket0/cpu7` for a message; a long path shows its first and last names only."""
+    if len(names) > 8:
+        names = [*names[:4], f"...{len(names) - 7} more...", *names[-3:]]
+    return "".join("/" + (n if len(n) <= 64 else n[:61] + "...") for n in names)
+
+
+def _trail_path(trail: _Trail, name: str | None = None) -> str:
+    names = [] if name is None else [name]
+    while trail is not None:
+        names.append(trail[0])
+        trail = trail[1]
+    return _path(names[::-1])
+
+
+def _walk_json(doc: Any, values_of: Callable[[Any], np.ndarray]) -> list[Series]:
+    """Series of a parsed document, levels depth first; `values_of(data)` decodes an array.
+
+    A problem raises BadCheckpoint with the place it was found, spelled out only then.
+    """
     if not isinstance(doc, dict):
         raise BadCheckpoint("top level is not a JSON object")
     out: list[Series] = []
-    # Explicit stack: a hostile file must not hit Python's recursion limit.
-    stack: list[tuple[dict[str, Any], str, str, str, bool]] = [(doc, "node", "", "", True)]
+    # Explicit stack (a hostile file must not hit Python's recursion limit) of
+    # (level, scope, scope_id, depth, where): `where` is the level's trail.
+    stack: list[tuple[dict[str, Any], str, str, int, _Trail]] = [(doc, "node", "", 0, None)]
     while stack:
-        level, scope, scope_id, path, top = stack.pop()
+        level, scope, scope_id, depth, where = stack.pop()
         metrics = level.get("metrics")
         if not isinstance(metrics, dict):
-            raise BadCheckpoint(f"{path or '/'}: 'metrics' is missing or not an object")
+            raise BadCheckpoint(
+                f"{_trail_path(where) or '/'}: 'metrics' is missing or not an object"
+            )
         # Only inner levels may omit "children" (SPEC §2).
-        children = level.get("children", None if top else {})
+        children = level.get("children", None if depth == 0 else {})
         if not isinstance(children, dict):
-            raise BadCheckpoint(f"{path or '/'}: 'children' is missing or not an object")
+            raise BadCheckpoint(
+                f"{_trail_path(where) or '/'}: 'children' is missing or not an object"
+            )
         for name, metric in metrics.items():
-            where = f"{path}/{name}"
-            if not isinstance(metric, dict):
-                raise BadCheckpoint(f"{where}: metric is not an object")
-            frequency = _as_int64(metric.get("frequency"), f"{where}: frequency")
-            start = _as_int64(metric.get("start"), f"{where}: start")
-            values = values_of(metric.get("data"), where)
-            out.append(_series(name, scope, scope_id, frequency, start, values, where))
+            try:
+                if not isinstance(metric, dict):
+                    raise BadCheckpoint("metric is not an object")
+                frequency = _as_int64(metric.get("frequency"), "frequency")
+                start = _as_int64(metric.get("start"), "start")
+                values = values_of(metric.get("data"))
+                n = len(values)
+                if n > 1 and not INT64_MIN <= start + (n - 1) * frequency <= INT64_MAX:
+                    raise BadCheckpoint("timestamps overflow int64")
+            except BadCheckpoint as exc:
+                raise BadCheckpoint(f"{_trail_path(where, name)}: {exc.reason}") from None
+            out.append(Series(name, scope, scope_id, frequency, start, values))
+        if children and depth == MAX_DEPTH:
+            first = next(iter(children))
+            raise BadCheckpoint(
+                f"nesting deeper than {MAX_DEPTH} levels at {_trail_path(where, first)}"
+            )
         for child_name, child in children.items():
             if not isinstance(child, dict):
-                raise BadCheckpoint(f"{path}/{child_name}: child level is not an object")
-            stack.append((child, *parse_scope(child_name), f"{path}/{child_name}", False))
+                raise BadCheckpoint(
+                    f"{_trail_path(where, child_name)}: child level is not an object"
+                )
+            stack.append((child, *parse_scope(child_name), depth + 1, (child_name, where)))
     return out
-
-
-def _series(
-    metric: str,
-    scope: str,
-    scope_id: str,
-    frequency: int,
-    start: int,
-    values: np.ndarray,
-    where: str,
-) -> Series:
-    if len(values) > 1 and not INT64_MIN <= start + (len(values) - 1) * frequency <= INT64_MAX:
-        raise BadCheckpoint(f"{where}: timestamps overflow int64")
-    return Series(metric, scope, scope_id, frequency, start, values)
 
 
 # --- JSON, vectorised -------------------------------------------------------------------
@@ -247,7 +304,7 @@ def _parse_json_fast(data: bytes) -> list[Series]:
     n_arrays = len(offsets) - 1
     bounds = offsets.tolist()
 
-    def values_of(data: Any, where: str) -> np.ndarray:
+    def values_of(data: Any) -> np.ndarray:
         # Every flat array became `[k]`, so a `[k]` can only be flat array k.
         if type(data) is list and len(data) == 1 and type(data[0]) is int:
             k = data[0]
@@ -433,6 +490,14 @@ _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _METRIC_HEAD = struct.Struct("<qqI")
 
+#: What a read is for, in a message: a string, or a function making it (for paths, which
+#: are built only when a message needs them).
+_What = str | Callable[[], str]
+
+
+def _said(what: _What) -> str:
+    return what if isinstance(what, str) else what()
+
 
 class _Cursor:
     """Bounds-checked little-endian reads over one file's bytes."""
@@ -441,24 +506,26 @@ class _Cursor:
         self.data = memoryview(data)
         self.pos = 0
 
-    def take(self, n: int, what: str) -> memoryview:
+    def take(self, n: int, what: _What) -> memoryview:
         end = self.pos + n
         if end > len(self.data):
-            raise BadCheckpoint(f"truncated: {what} at byte {self.pos} runs past the end")
+            raise BadCheckpoint(f"truncated: {_said(what)} at byte {self.pos} runs past the end")
         view = self.data[self.pos : end]
         self.pos = end
         return view
 
-    def unpack(self, fmt: struct.Struct, what: str) -> tuple[Any, ...]:
+    def unpack(self, fmt: struct.Struct, what: _What) -> tuple[Any, ...]:
         return fmt.unpack(self.take(fmt.size, what))
 
-    def name(self, what: str) -> str:
-        (length,) = self.unpack(_U16, f"{what} name length")
-        raw = self.take(length, f"{what} name")
+    def name(self, what: _What) -> str:
+        (length,) = self.unpack(_U16, lambda: f"{_said(what)} name length")
+        raw = self.take(length, lambda: f"{_said(what)} name")
         try:
             return str(raw, "utf-8")
         except UnicodeDecodeError as exc:
-            raise BadCheckpoint(f"{what} name at byte {self.pos - length} is not UTF-8") from exc
+            raise BadCheckpoint(
+                f"{_said(what)} name at byte {self.pos - length} is not UTF-8"
+            ) from exc
 
 
 def parse_binary(data: bytes) -> list[Series]:
@@ -469,13 +536,15 @@ def parse_binary(data: bytes) -> list[Series]:
     if magic != MAGIC:
         raise BadCheckpoint(f"wrong magic 0x{magic:08X} (expected 0x{MAGIC:08X})")
     out: list[Series] = []
-    # Levels are stored depth first, each child right after its name, so a stack of
-    # (path, children still to read) frames replaces recursion.
-    frames: list[list[Any]] = []
-    scope, scope_id, path = "node", "", ""
+    # Levels are stored depth first, each child right after its name, so two stacks replace
+    # recursion: per open level (the top first) the children still to read, and the names
+    # of the open levels below the top. Paths are spelled out only for a message.
+    left: list[int] = []
+    names: list[str] = []
+    scope, scope_id = "node", ""
     size = len(data)
     while True:
-        (n_metrics,) = cur.unpack(_U32, f"{path or '/'} metric count")
+        n_metrics = _u32(cur, lambda: f"{_path(names) or '/'} metric count")
         for _ in range(n_metrics):
             # Fast path: one bounds check per metric, no cursor calls, values as a view of
             # the file's bytes. Anything off and the checked reads below say what.
@@ -497,20 +566,49 @@ def parse_binary(data: bytes) -> list[Series]:
                             out.append(Series(name, scope, scope_id, frequency, start, values))
                             cur.pos = end
                             continue
-            name = cur.name(f"{path}/ metric")
-            where = f"{path}/{name}"
-            frequency, start, n_values = cur.unpack(_METRIC_HEAD, f"{where} header")
-            raw = cur.take(4 * n_values, f"{where} values")
-            values = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)
-            out.append(_series(name, scope, scope_id, frequency, start, values, where))
-        (n_children,) = cur.unpack(_U32, f"{path or '/'} child count")
-        frames.append([path, n_children])
-        while frames and frames[-1][1] == 0:
-            frames.pop()
-        if not frames:
-            return out
-        frames[-1][1] -= 1
-        parent = frames[-1][0]
-        child = cur.name(f"{parent}/ child")
+            _bad_metric(cur, _path(names))
+        n_children = _u32(cur, lambda: f"{_path(names) or '/'} child count")
+        left.append(n_children)
+        while left[-1] == 0:
+            left.pop()
+            if not left:
+                return out
+            names.pop()
+        left[-1] -= 1
+        # Inline, like a metric's name: files may hold very many small levels.
+        pos, child = cur.pos, None
+        if pos + 2 <= size and (end := pos + 2 + _U16.unpack_from(data, pos)[0]) <= size:
+            try:
+                child = str(data[pos + 2 : end], "utf-8")
+                cur.pos = end
+            except UnicodeDecodeError:
+                pass
+        if child is None:  # the checked read says what is wrong
+            child = cur.name(lambda: f"{_path(names)}/ child")
+        if len(left) > MAX_DEPTH:  # the child's depth: the top's children are at depth 1
+            raise BadCheckpoint(
+                f"nesting deeper than {MAX_DEPTH} levels at {_path([*names, child])}"
+            )
+        names.append(child)
         scope, scope_id = parse_scope(child)
-        path = f"{parent}/{child}"
+
+
+def _u32(cur: _Cursor, what: _What) -> int:
+    """The next uint32 (a count); BadCheckpoint if the file ends before it."""
+    pos = cur.pos
+    if pos + 4 <= len(cur.data):
+        cur.pos = pos + 4
+        return int.from_bytes(cur.data[pos : pos + 4], "little")
+    (value,) = cur.unpack(_U32, what)
+    return int(value)
+
+
+def _bad_metric(cur: _Cursor, path: str) -> None:
+    """Re-read the metric at the cursor with checked reads: raise BadCheckpoint saying why."""
+    name = cur.name(f"{path}/ metric")
+    where = f"{path}/{name}"
+    frequency, start, n_values = cur.unpack(_METRIC_HEAD, f"{where} header")
+    cur.take(4 * n_values, f"{where} values")
+    if n_values > 1 and not INT64_MIN <= start + (n_values - 1) * frequency <= INT64_MAX:
+        raise BadCheckpoint(f"{where}: timestamps overflow int64")
+    raise AssertionError(f"the fast path refused a good metric at {where}")  # pragma: no cover

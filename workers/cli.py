@@ -116,8 +116,16 @@ def _check_archive_writable(archive: str) -> None:
 
 
 def _cutoff(args: argparse.Namespace, settings: Settings) -> int:
+    """The run's cutoff from --cutoff or the retention; UsageError unless 0 < T <= int64 max."""
+    from .steps import UnsafeName, check_cutoff
+
     if args.cutoff is not None:
-        return int(args.cutoff)
+        try:
+            return check_cutoff(int(args.cutoff))
+        except UnsafeName:
+            raise UsageError(
+                f"--cutoff {args.cutoff} must be a Unix timestamp > 0 that fits in int64"
+            ) from None
     retention = args.retention or settings.retention
     if retention is None:
         raise UsageError("give --cutoff UNIX_TS or --retention DURATION")
@@ -127,7 +135,10 @@ def _cutoff(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(str(exc)) from None
     if seconds <= 0:
         raise UsageError(f"retention {retention!r} must be positive")
-    return int(time.time() - seconds)
+    try:
+        return check_cutoff(int(time.time() - seconds))
+    except UnsafeName:
+        raise UsageError(f"retention {retention!r} reaches back before 1970") from None
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
@@ -487,13 +498,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not fs.exists(path):
         raise UsageError(f"{args.file} does not exist")
     try:
+        kind = ops.file_kind_problem(fs, path)
+        if kind is not None:
+            raise UsageError(f"{args.file} is {kind}")
         with _progress_bar("scanning row groups") as progress:
             info = ops.inspect_file(args.file, progress)
-    except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid is a ValueError
-        raise UsageError(f"{args.file} is not a readable Parquet file: {exc}") from None
+    except UsageError:
+        raise
+    except Exception as exc:  # pyarrow: ArrowInvalid is a ValueError, and others
+        raise UsageError(
+            f"{args.file} is not a readable Parquet file: {ops.one_line(exc)}"
+        ) from None
+    _print_problems(info.problems)
+    status = EXIT_REPORTED if info.problems else EXIT_OK
     if args.json:
         print(ops.to_json(info))
-        return EXIT_OK
+        return status
     out = _out()
     out.print(f"[bold]{escape(info.url)}[/bold]", markup=True, highlight=False)
     out.print(
@@ -542,7 +562,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         files = ", ".join(f"{f['name']} ({f['size']} B)" for f in entry.get("files", []))
         sources.add_row(host, f"{entry.get('rows', 0):,}", files)
     out.print(sources)
-    return EXIT_OK
+    return status
+
+
+def _print_problems(problems: Sequence[str]) -> None:
+    """One `problem: <file>: <reason>` line per problem, on stderr."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    for problem in problems:
+        err.print(f"problem: {problem}", markup=False)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -582,7 +609,9 @@ def cmd_query(args: argparse.Namespace) -> int:
         )
     limit = args.limit if args.limit is not None or args.format != "table" else 100
     if args.format == "table":
-        return _query_table(plan, limit)
+        _query_table(plan, limit)
+        _print_problems(plan.problems)
+        return EXIT_REPORTED if plan.problems else EXIT_OK
     from .rows import ARCHIVE_SCHEMA
 
     schema = plan.dataset.schema if plan.dataset is not None else ARCHIVE_SCHEMA
@@ -601,7 +630,8 @@ def cmd_query(args: argparse.Namespace) -> int:
             f"of {plan.row_groups_total} row groups",
             markup=False,
         )
-    return EXIT_OK
+    _print_problems(plan.problems)
+    return EXIT_REPORTED if plan.problems else EXIT_OK
 
 
 def _write_rows(plan: Any, schema: Any, sink: Any, fmt: str, limit: int | None) -> int:

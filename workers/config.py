@@ -40,6 +40,8 @@ _UNIT_SECONDS = {
     "m": 60.0,
     "h": 3600.0,
 }
+# Go's time.Duration is int64 nanoseconds: ParseDuration refuses anything longer.
+_MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
 
 
 def _state_dir() -> Path:
@@ -66,6 +68,8 @@ def parse_duration(text: str) -> float:
         pos = m.end()
     if not body:
         raise ValueError(f"invalid duration {text!r} (expected e.g. 48h, 1h30m, 90s)")
+    if total > _MAX_DURATION_SECONDS:  # also "inf" from hundreds of digits
+        raise ValueError(f"invalid duration {text!r} (longer than Go's maximum, about 292 years)")
     return sign * total
 
 

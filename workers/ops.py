@@ -52,7 +52,10 @@ def iso(ts: float | None) -> str | None:
     """A Unix time as an ISO 8601 UTC string (None stays None)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):  # beyond year 9999: any int64 is valid
+        return None
 
 
 def to_json(obj: Any) -> str:
@@ -67,6 +70,38 @@ def to_json(obj: Any) -> str:
 
 def _name_of(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line of a problem report."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _not_an_archive(schema: pa.Schema) -> str | None:
+    """Why a Parquet file's columns are not an archive's (SPEC §3), or None if they are."""
+    from .rows import ARCHIVE_SCHEMA
+
+    missing, wrong = [], []
+    for f in ARCHIVE_SCHEMA:
+        i = schema.get_field_index(f.name)  # -1: absent or ambiguous
+        if i < 0:
+            missing.append(f.name)
+        elif not schema.field(i).type.equals(f.type):
+            wrong.append(f"{f.name} is {schema.field(i).type}, not {f.type}")
+    if not missing and not wrong:
+        return None
+    parts = ([f"no column {', '.join(missing)}"] if missing else []) + wrong
+    return f"not a metric archive: {'; '.join(parts)}"
+
+
+def file_kind_problem(fs: Any, path: str) -> str | None:
+    """None for a regular file; else why it cannot be read as one (never opens it)."""
+    kind = fs.info(path).get("type")
+    if kind == "directory":
+        return "a directory, not a Parquet file"
+    if kind != "file":  # a FIFO would block the reader forever
+        return f"not a regular file ({kind})"
+    return None
 
 
 def _subdirs(url: str) -> list[str]:
@@ -330,19 +365,21 @@ def cluster_status(
     if archive:
         fs, path = storage.filesystem(storage.join(archive, cluster))
         entries = fs.ls(path, detail=True) if fs.exists(path) else []
-    finals: list[tuple[int, str, int]] = []
+    finals: list[tuple[int, str, int, str]] = []
     for info in entries:
         name = _name_of(str(info["name"]))
         stem, _, ext = name.rpartition(".")
         if ext == "parquet" and stem.isascii() and stem.isdigit():
-            finals.append((int(stem), name, int(info.get("size") or 0)))
+            finals.append((int(stem), name, int(info.get("size") or 0), str(info.get("type"))))
         elif name.startswith(".") and name.endswith(".partial") and archive:
             status.partial_files.append(storage.join(archive, cluster, name))
     finals.sort()
     sources_of: list[tuple[str, dict[str, Any]]] = []
-    for i, (_cutoff, name, size) in enumerate(finals):
+    for i, (_cutoff, name, size, kind) in enumerate(finals):
         url = storage.join(archive or "", cluster, name)
         try:
+            if kind not in ("file", "directory"):  # a FIFO would block the reader forever
+                raise OSError(f"not a regular file ({kind})")
             summary, sources = _summarize_archive(url, size)
         except Exception as exc:  # a broken file must not hide the others
             status.problems.append(f"cannot read {url}: {type(exc).__name__}: {exc}")
@@ -449,6 +486,7 @@ class Inspection:
     time_min: int | None
     time_max: int | None
     sources: dict[str, Any]  # per host {rows, files: [{name, size, rows}]}
+    problems: list[str] = field(default_factory=list)  # e.g. not an archive's columns
 
 
 def _stat_range(stats: Any) -> tuple[Any, Any]:
@@ -466,11 +504,24 @@ def inspect_file(url: str, progress: ProgressFn = _noop) -> Inspection:
     fs, path = storage.filesystem(url)
     size = int(fs.size(path))
     with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f, read_dictionary=["metric"])
+        pf = pq.ParquetFile(f)
+        foreign = _not_an_archive(pf.schema_arrow)
+        if pa.types.is_string(_field_type(pf.schema_arrow, "metric")):
+            pf = pq.ParquetFile(f, read_dictionary=["metric"])  # names, not values, per group
         md = pf.metadata
-        names = [pf.schema.column(i).name for i in range(len(pf.schema))]
+        # Leaf columns by path ("a.b" for nested ones, only in files of another kind).
+        names = [pf.schema.column(i).path for i in range(len(pf.schema))]
         index = {n: i for i, n in enumerate(names)}
         arrow = pf.schema.to_arrow_schema()  # not schema_arrow: that shows read_dictionary
+
+        def column(name: str, is_type: Callable[[pa.DataType], bool]) -> int | None:
+            """The leaf index of top-level column `name` if its type passes, else None."""
+            ok = name in index and is_type(_field_type(arrow, name))
+            return index[name] if ok else None
+
+        host_col = column("hostname", pa.types.is_string)
+        metric_col = column("metric", pa.types.is_string)
+        time_col = column("timestamp", pa.types.is_integer)
         first = md.row_group(0) if md.num_row_groups else None
         columns = []
         for i, name in enumerate(names):
@@ -479,7 +530,7 @@ def inspect_file(url: str, progress: ProgressFn = _noop) -> Inspection:
             columns.append(
                 ColumnInfo(
                     name=name,
-                    arrow_type=str(arrow.field(name).type),
+                    arrow_type=str(_field_type(arrow, name)) if "." not in name else "",
                     physical_type=str(col.physical_type),
                     logical_type=str(col.logical_type),
                     required=col.max_definition_level == 0,
@@ -494,11 +545,11 @@ def inspect_file(url: str, progress: ProgressFn = _noop) -> Inspection:
         tmax: int | None = None
         for g in range(md.num_row_groups):
             rg = md.row_group(g)
-            h = _stat_range(rg.column(index["hostname"]).statistics) if "hostname" in index else ()
-            m = _stat_range(rg.column(index["metric"]).statistics) if "metric" in index else ()
+            h = _stat_range(rg.column(host_col).statistics) if host_col is not None else ()
+            m = _stat_range(rg.column(metric_col).statistics) if metric_col is not None else ()
             lo, hi = (
-                _stat_range(rg.column(index["timestamp"]).statistics)
-                if "timestamp" in index
+                _stat_range(rg.column(time_col).statistics)
+                if time_col is not None
                 else (None, None)
             )
             row_groups.append(
@@ -519,7 +570,7 @@ def inspect_file(url: str, progress: ProgressFn = _noop) -> Inspection:
             if lo is not None and hi is not None:
                 tmin = lo if tmin is None else min(tmin, lo)
                 tmax = hi if tmax is None else max(tmax, hi)
-            if "metric" in index:
+            if metric_col is not None:
                 for chunk in pf.read_row_group(g, columns=["metric"]).column(0).chunks:
                     if isinstance(chunk, pa.DictionaryArray):
                         used = chunk.dictionary.take(chunk.indices.unique().drop_null())
@@ -549,7 +600,13 @@ def inspect_file(url: str, progress: ProgressFn = _noop) -> Inspection:
         time_min=tmin,
         time_max=tmax,
         sources=sink.footer_sources(footer),
+        problems=[f"{url}: {foreign}"] if foreign else [],
     )
+
+
+def _field_type(schema: pa.Schema, name: str) -> pa.DataType:
+    i = schema.get_field_index(name)
+    return schema.field(i).type if i >= 0 else pa.null()
 
 
 # --- query --------------------------------------------------------------------------------
@@ -565,6 +622,10 @@ class QueryPlan:
     row_groups_selected: int
     dataset: ds.Dataset | None = field(default=None, repr=False)
     filter: ds.Expression | None = field(default=None, repr=False)
+    #: Per readable file, its selected row groups (`query_batches` reads file by file).
+    parts: list[tuple[str, list[ds.Fragment]]] = field(default_factory=list, repr=False)
+    #: "<file>: <reason>" per file that could not be read; the others are read all the same.
+    problems: list[str] = field(default_factory=list)
 
 
 def parse_time(text: str) -> int:
@@ -646,39 +707,69 @@ def plan_query(
     plan.filter = expr
     if not files:
         return plan
-    fs, _ = storage.filesystem(files[0])
-    paths = [storage.filesystem(u)[1] for u in files]
+    fs, _ = storage.filesystem(files[0])  # one archive root: one filesystem
     parquet = ds.ParquetFileFormat()
-    whole = ds.dataset(paths, format=parquet, filesystem=fs)
-    selected: list[ds.Fragment] = []
-    for i, fragment in enumerate(whole.get_fragments()):
-        plan.row_groups_total += fragment.metadata.num_row_groups
-        parts = fragment.split_by_row_group(expr) if expr is not None else [fragment]
-        if expr is None:
-            plan.row_groups_selected += fragment.metadata.num_row_groups
-        else:
-            plan.row_groups_selected += len(parts)
-        selected.extend(parts)
+    schema: pa.Schema | None = None
+    for i, url in enumerate(files):
+        path = storage.filesystem(url)[1]
+        try:
+            # One file at a time: a broken or foreign file is reported, not fatal.
+            reason = file_kind_problem(fs, path)
+            if reason is None:
+                one = ds.dataset([path], format=parquet, filesystem=fs)  # reads the footer
+                reason = _not_an_archive(one.schema)
+        except Exception as exc:
+            reason = f"cannot read: {one_line(exc)}"
+        if reason is not None:
+            plan.problems.append(f"{url}: {reason}")
+            progress(i + 1, len(files))
+            continue
+        if schema is None:
+            schema = one.schema
+            filesystem = one.filesystem
+        for fragment in one.get_fragments():
+            plan.row_groups_total += fragment.metadata.num_row_groups
+            parts = fragment.split_by_row_group(expr) if expr is not None else [fragment]
+            if expr is None:
+                plan.row_groups_selected += fragment.metadata.num_row_groups
+            else:
+                plan.row_groups_selected += len(parts)
+            plan.parts.append((url, parts))
         progress(i + 1, len(files))
-    plan.dataset = ds.FileSystemDataset(selected, whole.schema, parquet, whole.filesystem)
+    if schema is not None:
+        selected = [f for _, fragments in plan.parts for f in fragments]
+        plan.dataset = ds.FileSystemDataset(selected, schema, parquet, filesystem)
     return plan
 
 
 def query_batches(plan: QueryPlan, limit: int | None = None) -> Iterator[pa.RecordBatch]:
     """The matching rows, batch by batch, in file order (each file sorted by host, metric,
-    scope, scope_id, timestamp); at most `limit` rows."""
+    scope, scope_id, timestamp); at most `limit` rows.
+
+    A file that fails while it is read (a corrupt page) is added to `plan.problems`; the
+    rows it gave before stay written, and the next file is read.
+    """
+    import pyarrow.dataset as ds
+
     if plan.dataset is None:
         return
     left = limit
-    for batch in plan.dataset.to_batches(filter=plan.filter):
-        if left is not None:
-            if left <= 0:
-                return
-            if batch.num_rows > left:
-                batch = batch.slice(0, left)
-            left -= batch.num_rows
-        if batch.num_rows:
-            yield batch
+    for url, fragments in plan.parts:
+        one = ds.FileSystemDataset(
+            fragments, plan.dataset.schema, plan.dataset.format, plan.dataset.filesystem
+        )
+        try:
+            for batch in one.to_batches(filter=plan.filter):
+                if left is not None:
+                    if left <= 0:
+                        return
+                    if batch.num_rows > left:
+                        batch = batch.slice(0, left)
+                    left -= batch.num_rows
+                if batch.num_rows:
+                    yield batch
+        except Exception as exc:  # a broken file must not hide the others
+            plan.problems.append(f"{url}: cannot read: {one_line(exc)}")
 
 
 __all__ = [
@@ -693,8 +784,10 @@ __all__ = [
     "Status",
     "archive_files",
     "cluster_status",
+    "file_kind_problem",
     "inspect_file",
     "iso",
+    "one_line",
     "parse_time",
     "plan_query",
     "query_batches",

@@ -45,13 +45,16 @@ def check_name(name: str, what: str = "name") -> str:
 
 
 def check_cutoff(cutoff: object) -> int:
-    """Return `cutoff` if it is an integer, else raise UnsafeName.
+    """Return `cutoff` if it is an integer with 0 < cutoff <= 2**63 - 1, else raise UnsafeName.
 
     It becomes part of the archive's file name (`<T>.parquet`): a string from a forged
-    message such as "../../x" must never reach a path.
+    message such as "../../x" must never reach a path. It is an int64 wherever it is
+    stored or compared, and no checkpoint has a timestamp <= 0 (SPEC §2).
     """
     if isinstance(cutoff, bool) or not isinstance(cutoff, int):
         raise UnsafeName(f"invalid cutoff {cutoff!r}: not an integer")
+    if not 0 < cutoff <= 2**63 - 1:
+        raise UnsafeName(f"invalid cutoff {cutoff}: must be > 0 and fit in int64")
     return cutoff
 
 

@@ -256,6 +256,14 @@ def plan(
         problem = f"the workers write archives to {mask_url(s.archive or '')}, not {archive}"
     elif cutoff is None and not (retention or s.retention):
         problem = "no cutoff and no retention (CCARCHIVE_RETENTION)"
+    checked = 0
+    if problem is None:
+        try:
+            if cutoff is None:
+                cutoff = int(time.time() - parse_duration(retention or s.retention or ""))
+            checked = steps.check_cutoff(cutoff)  # > 0, fits in int64
+        except (ValueError, steps.UnsafeName) as exc:
+            problem = f"no valid cutoff: {exc}"
     if problem is None and clusters:
         try:
             clusters = [steps.check_name(c, "cluster") for c in clusters]
@@ -264,17 +272,15 @@ def plan(
     if problem is not None:
         log.error("run not started: %s", problem)
         return {"error": problem}
-    if cutoff is None:
-        cutoff = int(time.time() - parse_duration(retention or s.retention or ""))
-    run_id = new_run_id(int(cutoff))
+    run_id = new_run_id(checked)
     launch_id = str(uuid.uuid4())
     header = [discover.si(q).set(queue=q) for q in router().queues()]
     body = launch.s(
-        cutoff=int(cutoff), mode=mode, run_id=run_id, clusters=clusters, started=time.time()
+        cutoff=checked, mode=mode, run_id=run_id, clusters=clusters, started=time.time()
     ).set(queue=s.default_queue, task_id=launch_id)
     _launch(header, body)
-    log.info("run %s: cutoff %d, mode %s", run_id, cutoff, mode)
-    return {"run_id": run_id, "cutoff": int(cutoff), "mode": mode, "launch": launch_id}
+    log.info("run %s: cutoff %d, mode %s", run_id, checked, mode)
+    return {"run_id": run_id, "cutoff": checked, "mode": mode, "launch": launch_id}
 
 
 @app.task(name="ccarchive.discover")
