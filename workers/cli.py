@@ -162,6 +162,11 @@ def cmd_archive(args: argparse.Namespace) -> int:
         problem = roots.roots_problem(settings.checkpoints, settings.archive, settings.staging)
         if problem is not None:
             raise UsageError(problem)
+        if not settings.staging:
+            try:
+                roots.private_staging_root()  # refused (planted by someone else?): exit 2
+            except roots.RootsRefused as exc:
+                raise UsageError(str(exc)) from None
         _check_archive_writable(settings.archive)
     cutoff = _cutoff(args, settings)
     _serve_metrics(settings)  # Prometheus endpoint and textfile, when configured
