@@ -441,3 +441,45 @@ def test_a_planted_temporary_staging_folder_is_refused(world: Path, case: str) -
     assert_one_line_usage_error(proc, str(folder), words, "--staging")
     assert state(world / "w") == before
     assert state(world / "tmp") == planted  # nothing written into the planted folder
+
+
+# --- a Celery worker whose own settings overlap -----------------------------------------------
+
+
+@pytest.fixture
+def overlapping_worker(world: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """workers.tasks with this process's settings: staging = the checkpoint root."""
+    from workers import tasks
+
+    for name in list(os.environ):
+        if name.startswith("CCARCHIVE_"):
+            monkeypatch.delenv(name)
+    ck = world / "w" / "ck"
+    monkeypatch.setenv("CCARCHIVE_CHECKPOINTS", str(ck))
+    monkeypatch.setenv("CCARCHIVE_ARCHIVE", str(world / "w" / "arc"))
+    monkeypatch.setenv("CCARCHIVE_STAGING", str(ck))
+    tasks.settings.cache_clear()
+    yield tasks
+    tasks.settings.cache_clear()
+
+
+def test_a_worker_whose_settings_overlap_refuses_and_never_sweeps(
+    world: Path, overlapping_worker: Any
+) -> None:
+    tasks = overlapping_worker
+    ck = world / "w" / "ck"
+    dead = marked_run(ck, staging.new_run_id(CUTOFF))  # would be swept by a working launch
+    age(ck)
+    before = state(world / "w")
+    run_id = staging.new_run_id(CUTOFF)
+
+    planned = tasks.plan(cutoff=CUTOFF, mode="archive")
+    launched = tasks.launch([], CUTOFF, "archive", run_id, None, time.time())
+    loaded = tasks.load_host("alpha", "h0", CUTOFF, run_id)
+
+    assert "overlaps" in planned["error"] and "--staging" in planned["error"]
+    assert launched["clusters"] == [] and "overlaps" in launched["errors"][0]
+    [bad] = loaded["manifest"]["bad"]
+    assert "refused" in bad["reason"] and "overlaps" in bad["reason"]
+    assert loaded["manifest"]["files"] == []
+    assert dead.exists() and state(world / "w") == before  # nothing swept, staged or deleted

@@ -417,6 +417,8 @@ def load_host(self: Task, cluster: str, host: str, cutoff: int, run_id: str) -> 
         manifest = HostManifest(_shown(cluster), _shown(host), cutoff, _shown(run_id))
         manifest.bad.append(BadFile(_host_path(cluster, host), f"refused: {exc}"))
         return {"manifest": manifest.to_dict(), "recovered": []}
+    if problem := _roots_problem():
+        return _failed_load(cluster, host, cutoff, run_id, f"refused: {problem}")
     attempt = _attempt(self)
     if attempt > _max_attempts():
         # Redelivered after its worker died every time (e.g. killed for memory): give up
@@ -424,8 +426,6 @@ def load_host(self: Task, cluster: str, host: str, cutoff: int, run_id: str) -> 
         return _failed_load(
             cluster, host, cutoff, run_id, f"gave up after {attempt - 1} attempts (worker lost)"
         )
-    if problem := _roots_problem():
-        return _failed_load(cluster, host, cutoff, run_id, f"refused: {problem}")
     _renew(cluster, run_id)
     try:
         _holds.hold(Path(s.checkpoints or "") / cluster, cluster, run_id)
