@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import re
 import shutil
@@ -32,8 +31,6 @@ import pyarrow.ipc as ipc
 
 from . import storage
 from .rows import CHUNK_SCHEMA
-
-log = logging.getLogger(__name__)
 
 #: The marker file of a run directory; it holds the run id.
 MARKER = ".ccarchive-staging"
