@@ -24,6 +24,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         trials = metafunc.config.getoption("stress") or 1
         params = [(point, 7919 * t + i) for i, point in enumerate(POINTS) for t in range(trials)]
         metafunc.parametrize("stress_trial", params, ids=[f"{p}-{s}" for p, s in params])
+    if "mutation_trial" in metafunc.fixturenames:
+        from tests.stress_mutations import KINDS
+
+        trials = metafunc.config.getoption("stress") or 1
+        mut = [(kind, 7919 * t + i) for i, kind in enumerate(KINDS) for t in range(trials)]
+        metafunc.parametrize("mutation_trial", mut, ids=[f"{k}-{s}" for k, s in mut])
     if "distributed_trial" in metafunc.fixturenames:
         # Seconds each, with real Redis and workers: N per fault only with --stress N (the
         # deterministic tests of tests/test_faults_distributed.py cover every fault in CI).

@@ -16,7 +16,7 @@ import pytest
 import s3fs
 
 from tests.fixtures_s3 import S3Bucket
-from workers import ops, recovery, staging, steps, storage
+from workers import ops, recovery, sourcefiles, staging, steps, storage
 from workers.celery import _transport_options, celery_config
 from workers.config import Settings, mask_url, redis_client
 from workers.manifest import ClusterReport, SourceFile
@@ -170,7 +170,7 @@ def test_delete_files_keeps_going_past_a_hostile_file_name(tmp_path: Path) -> No
     outside.write_text("{}")
     files = [
         SourceFile("../../../100.json", 2),
-        SourceFile("100.json", 2),
+        sourcefiles.listed_identity(host / "100.json"),
     ]
     result = steps.delete_files(str(tmp_path / "cp"), "c", "h", files)
     assert result.deleted == ["100.json"]

@@ -2,8 +2,8 @@
 
 The tree: cluster `fritz` (hosts h1..h3, files at 1000 and 2000, plus a bad name in h3)
 and `alex` (one host, one file at 1500), archived in two runs (cutoffs 1500 and 2500).
-Afterwards a crash is simulated: two archived files come back (one unchanged, one
-changed) and a temporary archive file is left behind. Every answer is checked against the
+The second run cannot delete one host's files (as if it crashed before deleting), one
+archived file comes back changed, and a temporary archive file is left behind. Every answer is checked against the
 independent oracle of tests/helpers.py. The same commands then run against S3 (moto).
 """
 
@@ -13,6 +13,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.fixtures_redis import drop_dac_prefix
 from tests.fixtures_s3 import S3Bucket
 from tests.helpers import Row, level, metric, oracle_rows, sort_key, write_json
 from workers import ops
@@ -82,22 +85,37 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
         sources.setdefault((cluster, cutoff), {}).setdefault(host, []).append(
             (path.name, path.stat().st_size)
         )
-    h1_1000 = files["fritz", "h1", 1000].read_bytes()
+    h1_2000 = files["fritz", "h1", 2000].read_bytes()
+    argv = ["archive", "--checkpoints", str(cp), "--archive", str(archive), "--config", str(config)]
     with pytest.MonkeyPatch.context() as mp:
         for name in list(os.environ):
             if name.startswith("CCARCHIVE_"):
                 mp.delenv(name)
         mp.setenv("CCARCHIVE_LOG_LEVEL_INHERITED", "WARNING")
-        for cutoff in CUTOFFS:
-            argv = ["archive", "--checkpoints", str(cp), "--archive", str(archive)]
-            code = main([*argv, "--cutoff", str(cutoff), "--config", str(config)])
-            assert code == 1  # abc.json is reported every time
-    # A crash between publishing and deleting: the file is back, same bytes...
-    files["fritz", "h1", 1000].write_bytes(h1_1000)
+        code = main([*argv, "--cutoff", str(CUTOFFS[0])])
+        assert code == 1  # abc.json is reported every time
+    # The second run cannot delete h1's files (its directory is read-only to a process
+    # without DAC override): like a crash between publishing and deleting, h1/2000.json is
+    # still the very file archived...
+    prefix = drop_dac_prefix()
+    assert prefix is not None, "setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE"
+    (cp / "fritz" / "h1").chmod(0o555)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
+        second = subprocess.run(
+            [*prefix, sys.executable, "-m", "workers.cli", *argv, "--cutoff", str(CUTOFFS[1])],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        (cp / "fritz" / "h1").chmod(0o755)
+    assert second.returncode == 1 and "cannot delete" in second.stderr, second.stderr
     # ...and one whose content changed since it was archived.
     write_json(files["fritz", "h2", 1000], level({"x": metric([1.0, 2.0, 3.0, 4.0, 5.0])}))
     (archive / "fritz" / ".2500.parquet.0123456789ab.partial").write_bytes(b"PAR1")
-    yield Archived(root, cp, archive, archive / "_runs", config, rows, sources, h1_1000)
+    yield Archived(root, cp, archive, archive / "_runs", config, rows, sources, h1_2000)
 
 
 @pytest.fixture(autouse=True)
@@ -166,18 +184,20 @@ def test_status_json(archived: Archived, capsys: pytest.CaptureFixture[str]) -> 
     fritz = clusters["fritz"]
     last = fritz["last_run"]
     assert fritz["runs"] == 2 and last["cutoff"] == 2500 and last["mode"] == "archive"
-    assert last["outcome"] == "reported" and last["bad_count"] == 1
+    assert last["outcome"] == "reported" and last["bad_count"] == 2
     assert last["bad"][0]["path"].endswith("abc.json")
-    assert last["files_archived"] == 3 and last["files_deleted"] == 3
+    assert last["bad"][1]["path"].endswith("h1/2000.json")
+    assert last["files_archived"] == 3 and last["files_deleted"] == 2
     assert last["rows"] == len(archived.rows["fritz", 2500])
     assert last["archive"].endswith("fritz/2500.parquet")
     assert clusters["alex"]["last_run"]["cutoff"] == 2500  # a run with nothing to do
     assert clusters["alex"]["last_run"]["outcome"] == "ok"
 
     pending = {(p["host"], p["name"]): p for p in fritz["pending"]}
-    assert sorted(pending) == [("h1", "1000.json"), ("h2", "1000.json")]
-    assert pending["h1", "1000.json"]["action"] == "delete"
-    assert pending["h1", "1000.json"]["size"] == len(archived.restored)
+    assert sorted(pending) == [("h1", "2000.json"), ("h2", "1000.json")]
+    assert pending["h1", "2000.json"]["action"] == "delete"
+    assert pending["h1", "2000.json"]["size"] == len(archived.restored)
+    assert pending["h1", "2000.json"]["archive"].endswith("fritz/2500.parquet")
     assert pending["h2", "1000.json"]["action"] == "keep"
     assert pending["h2", "1000.json"]["archive"].endswith("fritz/1500.parquet")
     assert clusters["alex"]["pending"] == []
@@ -208,7 +228,7 @@ def test_status_text_and_unconfigured_checkpoints(
     assert "alex" not in out
     assert "last run: " in out and " reported (archive, cutoff 2500" in out
     assert "pending recoveries: 1 archived file(s) to delete, 1 changed since archived" in out
-    assert "delete: fritz/h1/1000.json" in out and "keep: fritz/h2/1000.json" in out
+    assert "delete: fritz/h1/2000.json" in out and "keep: fritz/h2/1000.json" in out
 
 
 def test_status_is_clean_after_a_clean_run(

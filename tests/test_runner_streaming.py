@@ -19,7 +19,7 @@ import pytest
 
 from tests.fixtures_redis import CCARCHIVE, clean_env, drop_dac_prefix
 from tests.helpers import archive_argv, archive_rows, oracle_rows, snapshot, sort_key
-from workers import runner
+from workers import runner, steps
 from workers.generate import Level, Metric, write_checkpoint
 
 CUTOFF = 100_000_000
@@ -142,27 +142,48 @@ def test_writing_failing_midway_keeps_every_file_and_leaves_no_archive(tmp_path:
     assert snapshot(cp) == before
 
 
+def test_streaming_finalize_finds_an_archive_of_the_same_commit(tmp_path: Path) -> None:
+    """The archive of these very manifests is already published (a run died before
+    deleting, or a finalize runs twice): the streaming finalize writes nothing."""
+    cp, archive, staging = tmp_path / "cp", tmp_path / "archive", tmp_path / "staging"
+    for i, h in enumerate(["h0", "h1"]):
+        write_host(cp, "c", h, 50, i)
+    run_id = runner.new_run_id(CUTOFF)
+    manifests = [
+        steps.load_host(str(cp), "c", h, CUTOFF, str(staging), run_id) for h in ["h0", "h1"]
+    ]
+    first = steps.finalize_cluster("c", CUTOFF, run_id, manifests, str(archive))
+    assert first is not None and not first.already_existed
+    out = archive / "c" / f"{CUTOFF}.parquet"
+    before = (out.read_bytes(), out.stat().st_mtime_ns)
+
+    again = steps.finalize_streaming("c", CUTOFF, run_id, iter(manifests), str(archive))
+
+    assert again is not None and again.already_existed and again.rows == first.rows
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_run_after_a_crash_past_the_commit_finds_its_archive(
-    tmp_path: Path, workers: int
-) -> None:
-    """The archive of these very files is already published (a run died before deleting):
-    the streaming finalize sees it, writes nothing, and the files are deleted."""
+def test_a_copy_of_archived_files_is_kept_not_archived_again(tmp_path: Path, workers: int) -> None:
+    """Files of the same names and bytes as archived ones, but other inodes (a restored
+    backup): not the very files that were read, so they are reported and kept, and the
+    published archive is left as it is."""
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     for i, h in enumerate(["h0", "h1"]):
         write_host(cp, "c", h, 50, i)
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-a", str(cp), str(copy)], check=True)
+    before = snapshot(copy)
     runner.run(runner.RunOptions(str(cp), CUTOFF, archive=str(archive), workers=1))
     out = archive / "c" / f"{CUTOFF}.parquet"
     first = (out.read_bytes(), out.stat().st_mtime_ns)
 
-    # The same files again, as if their deletion had never happened, and no recovery (the
-    # run's own finalize must cope): the commit records are equal, nothing is rewritten.
     [report] = runner.run(
         runner.RunOptions(str(copy), CUTOFF, archive=str(archive), workers=workers)
     )
-    assert report.ok, report.errors
+
+    assert not report.ok
+    assert len(report.bad) == len([k for k, v in before.items() if v is not None])
+    assert all("changed after it was read" in b.reason for b in report.bad)
     assert (out.read_bytes(), out.stat().st_mtime_ns) == first
-    assert report.bytes_written == 0
-    assert list(copy.rglob("*.json")) == []
+    assert snapshot(copy) == before

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings, parse_duration
@@ -232,7 +234,7 @@ class _ProgressDisplay:
             return
         if event == "plan":
             self.tasks[cluster] = self.progress.add_task(
-                cluster, total=detail["hosts"] or 1, stage="loading"
+                escape(cluster), total=detail["hosts"] or 1, stage="loading"
             )
         elif event == "loaded":
             self.progress.advance(self.tasks[cluster])
@@ -260,8 +262,8 @@ def _print_summary(reports: Sequence[ClusterReport], mode: str) -> None:
         table.add_column(name, justify="left" if name in ("cluster", "archive") else "right")
     for r in reports:
         archived = str(r.files_archived) if mode == "archive" else "-"
-        table.add_row(
-            r.cluster,
+        table.add_row(  # Text: a name such as `c[x]` is not rich markup
+            Text(r.cluster),
             str(r.hosts),
             archived,
             str(r.files_deleted),
@@ -269,7 +271,7 @@ def _print_summary(reports: Sequence[ClusterReport], mode: str) -> None:
             f"{r.rows:,}",
             f"{r.bytes_written:,}",
             f"{r.seconds:.1f}",
-            r.archive or "-",
+            Text(r.archive or "-"),
         )
     if not reports:
         out.print("no clusters found")
@@ -441,7 +443,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for c in result.clusters:
         out.print()
         out.print(
-            f"[bold]{c.cluster}[/bold]: {len(c.archives)} archive(s), {c.rows:,} rows, "
+            f"[bold]{escape(c.cluster)}[/bold]: {len(c.archives)} archive(s), {c.rows:,} rows, "
             f"{c.bytes:,} bytes"
         )
         if c.archives:
@@ -511,7 +513,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(ops.to_json(info))
         return EXIT_OK
     out = _out()
-    out.print(f"[bold]{info.url}[/bold]", markup=True, highlight=False)
+    out.print(f"[bold]{escape(info.url)}[/bold]", markup=True, highlight=False)
     out.print(
         f"{info.bytes:,} bytes, {info.rows:,} rows, {len(info.row_groups)} row groups, "
         f"written by {info.created_by}",

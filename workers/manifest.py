@@ -6,13 +6,48 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def shown_name(name: str) -> str:
+    """A name or path as reports show it: itself when printable UTF-8, else quoted with
+    its control characters and undecodable bytes escaped (`'a\\tb'`, `'a\\xffb'`)."""
+    try:  # undecodable bytes from a directory listing come as surrogate escapes
+        text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # any other lone surrogate (from a JSON message)
+        text = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    if text == name and name.isprintable():
+        return name
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return f"'{escaped}'"
+
+
 @dataclass(frozen=True)
 class SourceFile:
-    """A checkpoint file as archived: its name in the host directory, size and row count."""
+    """A checkpoint file as read: its name in the host directory, size, row count and identity.
+
+    The identity (device, inode, times, content digest) is what a deletion checks first:
+    only the very bytes that were archived may go (SPEC §6.7).
+    """
 
     name: str
     size: int
     rows: int = 0
+    dev: int = 0
+    ino: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    digest: str = ""  # xxh3-64 of the file's bytes as parsed; "" when never read (delete mode)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SourceFile:
+        """From a message or a footer entry; unknown keys (newer writers) are ignored."""
+        return cls(**{k: v for k, v in data.items() if k in _SOURCE_FIELDS})
+
+    @property
+    def identified(self) -> bool:
+        """True when the record names one inode (older commit records do not)."""
+        return self.ino != 0
+
+
+_SOURCE_FIELDS = frozenset(SourceFile.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +69,7 @@ class HostManifest:
     files: list[SourceFile] = field(default_factory=list)
     rows: int = 0
     chunk: str | None = None  # staging URL; None when the host has no rows
+    digest: str = ""  # rows.digest of the host's rows, checked again by finalize
     bad: list[BadFile] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -45,7 +81,7 @@ class HostManifest:
     def from_dict(cls, data: dict[str, Any]) -> HostManifest:
         """Inverse of `to_dict`."""
         data = dict(data)
-        data["files"] = [SourceFile(**f) for f in data.get("files", [])]
+        data["files"] = [SourceFile.from_dict(f) for f in data.get("files", [])]
         data["bad"] = [BadFile(**b) for b in data.get("bad", [])]
         return cls(**data)
 

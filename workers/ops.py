@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 
 from . import __version__, sink, storage
 from .checkpoint import checkpoint_timestamp
-from .manifest import ClusterReport
+from .manifest import ClusterReport, SourceFile
+from .sourcefiles import change
 from .steps import UnsafeName, check_name
 
 if TYPE_CHECKING:
@@ -209,7 +210,7 @@ class ArchiveSummary:
 class PendingFile:
     """A checkpoint file still present although a committed archive lists it.
 
-    `delete`: same size as archived, the next run's recovery deletes it. `keep`: its size
+    `delete`: still the very file archived, the next run's recovery deletes it. `keep`: it
     changed since; the next run reports it and leaves it for a person to decide.
     """
 
@@ -274,6 +275,14 @@ def _summarize_archive(url: str, size: int) -> tuple[ArchiveSummary, dict[str, A
         created=footer.get(sink.META_PREFIX + "created"),
     )
     return summary, sources
+
+
+def _unchanged(path: Path, source: SourceFile) -> bool:
+    """Whether recovery would delete this file: still the very file archived."""
+    try:
+        return change(path, source) is None
+    except OSError:
+        return False
 
 
 def _present(checkpoints: str, cluster: str) -> dict[str, dict[str, int]]:
@@ -355,6 +364,8 @@ def cluster_status(
                 for f in entry.get("files", []):
                     now = present.get(host, {}).get(f["name"])
                     if now is not None:
+                        source = SourceFile.from_dict(f)
+                        file_path = Path(checkpoints) / cluster / host / source.name
                         status.pending.append(
                             PendingFile(
                                 host=host,
@@ -362,7 +373,7 @@ def cluster_status(
                                 archive=url,
                                 archived_size=int(f["size"]),
                                 size=now,
-                                action="delete" if now == int(f["size"]) else "keep",
+                                action="delete" if _unchanged(file_path, source) else "keep",
                             )
                         )
     return status

@@ -3,10 +3,11 @@
 The commit record of a run is the footer of its published archive (`ccarchive.sources`:
 per host, every archived file with its size). So, before loading anything:
 
-- a checkpoint file listed in a committed archive whose size still matches was archived
-  and its deletion did not happen: delete it now (never archive it again);
-- one listed with another size is reported and excluded from loading: its name says it is
-  archived, its content says otherwise, and only a person can tell which is right;
+- a checkpoint file listed in a committed archive that is still the very file read (same
+  device, inode, size, times and content digest) was archived and its deletion did not
+  happen: delete it now (never archive it again);
+- one listed that has changed since is reported and excluded from loading: its name says
+  it is archived, its content says otherwise, and only a person can tell which is right;
 - temporary archive files older than a grace period belong to runs that died: remove them;
 - so do staging run directories, but only those the archiver provably made (SPEC §6.9).
 
@@ -25,7 +26,8 @@ from typing import Any
 
 from . import sink, staging, storage
 from .checkpoint import checkpoint_timestamp
-from .manifest import BadFile
+from .manifest import BadFile, SourceFile
+from .sourcefiles import delete_if_unchanged
 from .steps import check_name, host_dir
 
 log = logging.getLogger(__name__)
@@ -107,39 +109,31 @@ def recover_cluster(
             for host, entry in sources.items():
                 for f in entry.get("files", []):
                     if f["name"] in present.get(host, {}):
-                        _finish_deletion(
-                            checkpoints, cluster, host, f["name"], int(f["size"]), url, result
-                        )
+                        source = SourceFile.from_dict(f)
+                        _finish_deletion(checkpoints, cluster, host, source, url, result)
     _sweep_partials(archive, cluster, grace_seconds, result)
     return result
 
 
 def _finish_deletion(
-    checkpoints: str, cluster: str, host: str, name: str, size: int, url: str, result: Recovery
+    checkpoints: str, cluster: str, host: str, f: SourceFile, url: str, result: Recovery
 ) -> None:
-    path = Path(host_dir(checkpoints, cluster, host)) / name
+    path = Path(host_dir(checkpoints, cluster, host)) / f.name
     try:
-        actual = os.stat(path, follow_symlinks=False).st_size
+        reason = delete_if_unchanged(path, f)
     except FileNotFoundError:
         return
     except OSError as exc:
-        actual = -1
-        reason = f"listed in committed archive {url} but cannot stat: {exc.strerror or exc}"
+        reason = f"already archived in {url} but cannot delete: {exc.strerror or exc}"
     else:
-        reason = f"listed in committed archive {url} with {size} bytes but now has {actual} bytes; kept, not archived again"
-    if actual == size:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            reason = f"already archived in {url} but cannot delete: {exc.strerror or exc}"
-        else:
+        if reason is None:
             log.info("recovery: deleted %s (archived in %s)", path, url)
             result.deleted.append(str(path))
             return
+        reason = f"listed in committed archive {url} but {reason}; kept, not archived again"
+    log.warning("kept %s: %s", path, reason)
     result.kept.append(BadFile(str(path), reason))
-    result.exclude.setdefault(host, []).append(name)
+    result.exclude.setdefault(host, []).append(f.name)
 
 
 def _sweep_partials(archive: str, cluster: str, grace_seconds: float, result: Recovery) -> None:

@@ -15,6 +15,8 @@ import os
 import stat
 import tempfile
 
+from . import storage
+
 #: Schemes that name the local filesystem.
 _LOCAL_SCHEMES = ("file", "local")
 #: Schemes that name S3 (Hadoop's `s3a` is the same store).
@@ -32,10 +34,8 @@ def location_key(url: str) -> tuple[str, tuple[str, ...]]:
     absolute); S3 locations become (bucket, key components), `s3a` being `s3`. Empty
     components are dropped, so `s3://b/x/` and `s3://b//x` are `s3://b/x`.
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "file", url
-    scheme = scheme.lower()
+    found, rest = storage.split_url(url)  # the scheme is the only part parsed (SPEC §6.8)
+    scheme = found or "file"
     if scheme in _LOCAL_SCHEMES:
         return "file", tuple(p for p in os.path.realpath(rest).split(os.sep) if p)
     if scheme in _S3_SCHEMES:

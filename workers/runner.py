@@ -271,6 +271,14 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
     ]
     states: dict[str, _ClusterState] = {}
     started = time.perf_counter()
+    # A directory whose name is refused is reported like a kept file (exit 1), untouched.
+    refused = [
+        _ClusterState(_refused_report(p, options.cutoff, run_id), 0) for p in plans if p.refused
+    ]
+    for state in refused:
+        notify("plan", state.report.cluster, {"hosts": 0})
+        _finish(state, started, notify)
+    plans = [p for p in plans if not p.refused]
     for plan in plans:
         report = ClusterReport(plan.cluster, options.cutoff, run_id, hosts=len(plan.hosts))
         report.bad.extend(plan.bad)
@@ -405,7 +413,12 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
         elif archiving and staging_url and plans:
             with suppress(OSError):  # it is marked: a later run's sweep removes it
                 staging.remove_run(staging_url, run_id)
-    return [state.report for state in states.values()]
+    return [state.report for state in [*states.values(), *refused]]
+
+
+def _refused_report(plan: steps.ClusterPlan, cutoff: int, run_id: str) -> ClusterReport:
+    """The report of a cluster directory whose name is refused: its reason, nothing done."""
+    return ClusterReport(plan.cluster, cutoff, run_id, bad=list(plan.bad))
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, TypeVar, cast
 
 import numpy as np
@@ -114,7 +114,9 @@ def footer_metadata(
     sources: dict[str, dict[str, Any]] = {
         m.host: {
             "rows": m.rows,
-            "files": [{"name": f.name, "size": f.size, "rows": f.rows} for f in m.files],
+            "digest": m.digest,
+            # Each file's identity as read: recovery deletes it only if it is still that file.
+            "files": [asdict(f) for f in m.files],
         }
         for m in sorted(manifests, key=lambda m: m.host)
         if m.files
@@ -147,7 +149,7 @@ def read_footer(url: str) -> dict[str, str]:
 
 
 def footer_sources(footer: Mapping[str, str]) -> dict[str, Any]:
-    """Per host {rows, files: [{name, size, rows}]} from a footer."""
+    """Per host {rows, digest, files: [SourceFile fields]} from a footer."""
     return dict(json.loads(footer.get(META_PREFIX + "sources", "{}")))
 
 

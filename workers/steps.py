@@ -9,11 +9,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,8 +21,9 @@ from . import sink, staging, storage
 from .checkpoint import BadCheckpoint, Series, checkpoint_timestamp, parse_binary, parse_json
 from .faults import crash_point
 from .logs import step_context
-from .manifest import BadFile, DeleteResult, HostManifest, SourceFile
-from .rows import count_values, host_table
+from .manifest import BadFile, DeleteResult, HostManifest, SourceFile, shown_name
+from .rows import RowDigest, count_values, host_table, table_digest
+from .sourcefiles import Listed, delete_if_unchanged, listed_identity, read_listed
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,19 @@ def host_dir(checkpoints: str | Path, cluster: str, host: str) -> Path:
 
 @dataclass
 class ClusterPlan:
-    """A cluster found under the checkpoint root, with its host directories."""
+    """A cluster found under the checkpoint root, with its host directories.
+
+    `refused`: the directory's name is not safe (control character, not UTF-8): `cluster`
+    is then its printable form (`shown_name`), `bad` says why, and nothing in it is touched.
+    """
 
     cluster: str
     hosts: list[str] = field(default_factory=list)
     bad: list[BadFile] = field(default_factory=list)
+    refused: bool = False
 
 
-def _subdirs(path: Path) -> tuple[list[str], list[BadFile]]:
+def _subdirs(path: Path, what: str) -> tuple[list[str], list[BadFile]]:
     names: list[str] = []
     bad: list[BadFile] = []
     with os.scandir(path) as entries:
@@ -84,27 +89,33 @@ def _subdirs(path: Path) -> tuple[list[str], list[BadFile]]:
             if not entry.is_dir(follow_symlinks=False):
                 continue
             try:
-                names.append(check_name(entry.name))
+                names.append(check_name(entry.name, what))
             except UnsafeName as exc:
-                bad.append(BadFile(os.path.join(path, entry.name), str(exc)))
+                shown = os.path.join(shown_name(str(path)), shown_name(entry.name))
+                bad.append(BadFile(shown, f"refused {what} directory: {exc}"))
     # Code point order equals UTF-8 byte order: the archive's host order.
     return sorted(names), bad
 
 
 def discover(checkpoints: str | Path) -> list[ClusterPlan]:
-    """Clusters and their hosts under the checkpoint root; unreadable directories reported."""
+    """Clusters and their hosts under the checkpoint root; unreadable directories reported.
+
+    A cluster directory whose name is refused comes back as a plan with `refused` set, so
+    it is reported (exit 1) like any other kept input, never silently skipped.
+    """
     root = Path(checkpoints)
-    clusters, bad_clusters = _subdirs(root)
+    clusters, bad_clusters = _subdirs(root, "cluster")
     plans: list[ClusterPlan] = []
     for cluster in clusters:
         plan = ClusterPlan(cluster)
         try:
-            plan.hosts, plan.bad = _subdirs(root / cluster)
+            plan.hosts, plan.bad = _subdirs(root / cluster, "host")
         except OSError as exc:
             plan.bad.append(BadFile(str(root / cluster), f"cannot list: {exc.strerror or exc}"))
         plans.append(plan)
-    if bad_clusters:
-        log.warning("skipped directories with unsafe names: %s", bad_clusters)
+    for bad in bad_clusters:
+        log.warning("refused a cluster directory: %s: %s", bad.path, bad.reason)
+        plans.append(ClusterPlan(os.path.basename(bad.path), bad=[bad], refused=True))
     return plans
 
 
@@ -112,13 +123,13 @@ def discover(checkpoints: str | Path) -> list[ClusterPlan]:
 class Selection:
     """The checkpoint files of one host that a cutoff selects, and the bad names seen."""
 
-    files: list[tuple[str, int]]  # (name, ts), in (ts, name) order
+    files: list[Listed]  # in (ts, name) order
     bad: list[BadFile]
 
 
 def select_files(directory: Path, cutoff: int, exclude: Collection[str] = ()) -> Selection:
     """Checkpoint files with 0 < ts <= cutoff, less `exclude`; bad names reported; rest ignored."""
-    files: list[tuple[str, int]] = []
+    files: list[Listed] = []
     bad: list[BadFile] = []
     with os.scandir(directory) as entries:
         for entry in entries:
@@ -128,28 +139,20 @@ def select_files(directory: Path, cutoff: int, exclude: Collection[str] = ()) ->
             if isinstance(ts, BadCheckpoint):
                 bad.append(BadFile(entry.path, ts.reason))
             elif ts is not None and ts != 0 and ts <= cutoff and entry.name not in exclude:
-                files.append((entry.name, ts))
-    files.sort(key=lambda f: (f[1], f[0]))
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # gone since the listing: nothing to archive or delete
+                files.append(Listed(entry.name, ts, st.st_dev, st.st_ino))
+    files.sort(key=lambda f: (f.ts, f.name))
     return Selection(files, bad)
 
 
-def _read(path: Path) -> tuple[list[Series], int]:
-    """Parse one file and return its series with the size of the bytes actually parsed."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise BadCheckpoint(f"cannot open: {exc.strerror or exc}") from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BadCheckpoint("not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
-    except OSError as exc:
-        raise BadCheckpoint(f"cannot read: {exc.strerror or exc}") from exc
-    finally:
-        os.close(fd)
-    series = parse_binary(data) if path.suffix == ".bin" else parse_json(data)
-    return series, len(data)
+def _read(directory: Path, listed: Listed) -> tuple[list[Series], SourceFile]:
+    """Parse one listed file; return its series and its identity as read."""
+    data, source = read_listed(directory, listed)
+    series = parse_binary(data) if listed.name.endswith(".bin") else parse_json(data)
+    return series, source
 
 
 @step_context  # log lines inside carry run_id, cluster and host
@@ -179,20 +182,21 @@ def load_host(
         return manifest
     manifest.bad.extend(selection.bad)
     series: list[Series] = []
-    for name, _ts in selection.files:
-        path = directory / name
+    for listed in selection.files:
         try:
-            file_series, size = _read(path)
+            file_series, source = _read(directory, listed)
         except BadCheckpoint as exc:
+            path = directory / listed.name
             manifest.bad.append(BadFile(str(path), exc.reason))
             log.info("bad checkpoint %s: %s", path, exc.reason)
             continue
-        manifest.files.append(SourceFile(name, size, count_values(file_series)))
+        manifest.files.append(replace(source, rows=count_values(file_series)))
         series.extend(file_series)
     table = host_table(series)
     del series
     crash_point("load:read")
     manifest.rows = table.num_rows
+    manifest.digest = table_digest(table)
     if table.num_rows:
         url = staging.chunk_url(staging_url, run_id, cluster, host)
         staging.write_chunk(table, url, chunk_compression)
@@ -287,14 +291,31 @@ def _check_finalize_names(cluster: str, cutoff: int, run_id: str) -> None:
 
 def _chunks(manifests: Iterable[HostManifest]) -> Iterator[tuple[str, Iterator[pa.RecordBatch]]]:
     """(host, its staged batches) for each manifest with rows, in the order given."""
-    return ((m.host, staging.read_chunk(m.chunk)) for m in manifests if m.rows and m.chunk)
+    return ((m.host, _checked(m)) for m in manifests if m.rows and m.chunk)
+
+
+def _checked(m: HostManifest) -> Iterator[pa.RecordBatch]:
+    """The host's staged batches; at their end, fail unless they are the rows it loaded.
+
+    Raised inside the write, before the footer: the archive is never published.
+    """
+    assert m.chunk is not None
+    digest = RowDigest()
+    for batch in staging.read_chunk(m.chunk):
+        digest.update(batch)
+        yield batch
+    if digest.hexdigest() != m.digest:
+        raise sink.VerificationError(
+            f"{m.cluster}/{m.host}: staged rows {m.chunk} differ from the rows loaded "
+            f"(digest {digest.hexdigest()}, loaded {m.digest or 'none'})"
+        )
 
 
 @step_context
 def delete_files(
     checkpoints: str, cluster: str, host: str, files: list[SourceFile]
 ) -> DeleteResult:
-    """Delete exactly these files of one host, each only if its size is unchanged."""
+    """Delete exactly these files of one host, each only if it is still the file recorded."""
     result = DeleteResult(cluster=cluster, host=host)
     directory = host_dir(checkpoints, cluster, host)
     for f in files:
@@ -304,29 +325,18 @@ def delete_files(
             result.kept.append(BadFile(str(directory), str(exc)))
             continue
         try:
-            st = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            result.already_gone.append(f.name)
-            continue
-        except OSError as exc:
-            result.kept.append(BadFile(str(path), f"cannot stat: {exc.strerror or exc}"))
-            continue
-        if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
-            result.kept.append(
-                BadFile(
-                    str(path), f"changed since it was archived ({st.st_size} != {f.size} bytes)"
-                )
-            )
-            continue
-        try:
-            os.unlink(path)
+            reason = delete_if_unchanged(path, f)
         except FileNotFoundError:
             result.already_gone.append(f.name)
         except OSError as exc:
             result.kept.append(BadFile(str(path), f"cannot delete: {exc.strerror or exc}"))
         else:
-            result.deleted.append(f.name)
-            crash_point("delete:partial")
+            if reason is None:
+                result.deleted.append(f.name)
+                crash_point("delete:partial")
+            else:
+                log.warning("kept %s: %s", path, reason)
+                result.kept.append(BadFile(str(path), reason))
     return result
 
 
@@ -340,13 +350,13 @@ def delete_expired(checkpoints: str, cluster: str, host: str, cutoff: int) -> De
         result = DeleteResult(cluster=cluster, host=host)
         result.kept.append(BadFile(str(directory), f"cannot list: {exc.strerror or exc}"))
         return result
-    sizes = []
-    for name, _ts in selection.files:
+    listed: list[SourceFile] = []
+    for f in selection.files:
         try:
-            sizes.append(SourceFile(name, os.stat(directory / name).st_size))
+            listed.append(listed_identity(directory / f.name))
         except OSError:
-            continue
-    result = delete_files(checkpoints, cluster, host, sizes)
+            continue  # gone meanwhile
+    result = delete_files(checkpoints, cluster, host, listed)
     result.kept.extend(selection.bad)
     return result
 

@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import posixpath
+import re
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
@@ -33,6 +34,9 @@ from typing import Any, BinaryIO, cast
 
 import fsspec
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from .manifest import shown_name
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +90,130 @@ def current_options() -> dict[str, dict[str, Any]]:
     return {protocol: dict(kw) for protocol, kw in STORAGE_OPTIONS.items()}
 
 
+#: A URL starts with `scheme://`; anything else is a local path, taken literally.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def split_url(url: str) -> tuple[str | None, str]:
+    """(scheme, rest) for `scheme://rest`, else (None, url): a local path.
+
+    Only this prefix is ever parsed: `::`, `?`, `#`, `%`, `~` or glob characters in the
+    rest are part of names (SPEC §6.8), never a chain of filesystems, a query or a pattern.
+    """
+    match = _SCHEME.match(url)
+    if match is None:
+        return None, url
+    return match.group(1).lower(), url[match.end() :]
+
+
 def _protocol(url: str) -> str:
-    return url.split("://", 1)[0] if "://" in url else "file"
+    scheme, _ = split_url(url)
+    if scheme in (None, "file", "local"):
+        return "file"
+    return "s3" if scheme == "s3a" else scheme  # s3a: Hadoop's spelling of the same
+
+
+class LiteralLocalFileSystem(LocalFileSystem):
+    """The local filesystem with every path taken literally.
+
+    fsspec's own strips a `file:`/`local:` prefix, expands `~` and globs patterns in
+    `expand_path` (copy, find, rm of a list): here a path is only made absolute.
+    """
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        if isinstance(path, (list, tuple, set)):
+            return type(path)(cls._strip_protocol(p) for p in path)
+        return os.path.abspath(os.fspath(path))
+
+    def expand_path(
+        self,
+        path: Any,
+        recursive: bool = False,
+        maxdepth: int | None = None,
+        assume_literal: bool = True,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Like fsspec's, but a path with `*`, `?` or `[` names itself, never a pattern."""
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        return cast(
+            "list[str]",
+            super().expand_path(paths, recursive, maxdepth, assume_literal=True, **kwargs),
+        )
+
+
+_S3_CLASS: type[AbstractFileSystem] | None = None
+
+
+def _literal_s3_class() -> type[AbstractFileSystem]:
+    """s3fs's filesystem with keys taken literally (built on first use: s3fs is slow to import).
+
+    s3fs cuts a key at `?versionId=` (two hosts `h?versionId=1`, `h?versionId=2` would
+    share one object) and `rm(recursive=True)` globs a key holding `*`, `?` or `[`.
+    """
+    global _S3_CLASS
+    if _S3_CLASS is None:
+        from s3fs import S3FileSystem
+
+        class LiteralS3FileSystem(S3FileSystem):  # type: ignore[misc]
+            def split_path(self, path: str) -> tuple[str, str, None]:
+                trail = path[len(path.rstrip("/")) :]
+                path = self._strip_protocol(path).lstrip("/")
+                if "/" not in path:
+                    return path, "", None
+                bucket, key = self._find_bucket_key(path)
+                return bucket, key + trail, None
+
+            async def _expand_path(
+                self,
+                path: Any,
+                recursive: bool = False,
+                maxdepth: int | None = None,
+                assume_literal: bool = True,
+            ) -> list[str]:
+                paths = [path] if isinstance(path, str) else list(path)
+                return cast(
+                    "list[str]",
+                    await super()._expand_path(paths, recursive, maxdepth, assume_literal=True),
+                )
+
+        _S3_CLASS = LiteralS3FileSystem
+    return _S3_CLASS
+
+
+#: Characters S3 cannot list: its listings are XML 1.0, which has no way to write these
+#: (S3 answers with an error, or a listing no parser reads, and a prefix holding such a key
+#: could never be cleaned up again). Undecodable bytes (surrogates) are not UTF-8 at all.
+_NOT_IN_S3 = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def check_s3_key(path: str) -> str:
+    """Return `bucket/key` if S3 can store and list it, else raise ValueError naming it."""
+    bad = _NOT_IN_S3.search(path)
+    if bad is None:
+        return path
+    code = ord(bad.group())
+    why = "not UTF-8" if 0xD800 <= code <= 0xDFFF else f"U+{code:04X} cannot appear in its listings"
+    raise ValueError(f"{shown_name(path)} cannot be stored in S3: {why}")
 
 
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
-    """The filesystem for a URL and the path inside it."""
+    """The filesystem for a URL and the path inside it, taken literally.
+
+    A local path (no `scheme://`) or a `file://` URL: the local filesystem and the absolute
+    path; `s3://bucket/key`: s3fs and `bucket/key`. The scheme is the only part parsed.
+    """
+    _, rest = split_url(url)
     protocol = _protocol(url)
-    if protocol == "s3a":  # Hadoop's spelling: the same S3 configuration applies
-        protocol = "s3"
     kwargs = {**_PROTOCOL_DEFAULTS.get(protocol, {}), **STORAGE_OPTIONS.get(protocol, {})}
-    fs, path = fsspec.core.url_to_fs(url, **kwargs)
-    return fs, path
+    if protocol == "file":
+        return LiteralLocalFileSystem(**kwargs), os.path.abspath(rest)
+    if protocol == "s3":
+        return _literal_s3_class()(**kwargs), check_s3_key(rest)
+    # Any other fsspec backend: one filesystem, never a chain (`::` is not split).
+    cls = fsspec.get_filesystem_class(protocol)
+    fs = cls(**{**cls._get_kwargs_from_urls(url), **kwargs})
+    return fs, cls._strip_protocol(url)
 
 
 def _protocol_of(fs: AbstractFileSystem) -> str:
@@ -115,10 +231,10 @@ def is_s3(fs: AbstractFileSystem) -> bool:
 
 
 def join(url: str, *parts: str) -> str:
-    """Append path parts to a URL or local path (always with '/')."""
-    if "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://{posixpath.join(rest.rstrip('/'), *parts)}"
+    """Append path parts (names, taken literally) to a URL or local path."""
+    scheme, rest = split_url(url)
+    if scheme is not None:
+        return f"{url[: len(url) - len(rest)]}{posixpath.join(rest.rstrip('/'), *parts)}"
     return os.path.join(url, *parts)
 
 
@@ -368,15 +484,22 @@ class _LocalOutput(Output):
         return True
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
         self._closed = True
         try:
-            os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove temporary file %s: %s", self._tmp, exc)
+            # On a full disk this close fails again (ENOSPC flushing what is still
+            # buffered); it closes the descriptor all the same. The error that made us
+            # abort is the one the caller reports, so this one is only logged.
+            if not self._file.closed:
+                self._file.close()
+        except Exception as exc:
+            log.debug("closing temporary file %s: %s", self._tmp, exc)
+        finally:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove temporary file %s: %s", self._tmp, exc)
 
     def retract(self) -> None:
         os.unlink(self._path)

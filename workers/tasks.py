@@ -296,7 +296,12 @@ def discover(queue: str) -> dict[str, Any]:
     return {
         "queue": queue,
         "clusters": [
-            {"cluster": p.cluster, "hosts": p.hosts, "bad": [asdict(b) for b in p.bad]}
+            {
+                "cluster": p.cluster,
+                "hosts": p.hosts,
+                "bad": [asdict(b) for b in p.bad],
+                **({"refused": True} if p.refused else {}),
+            }
             for p in plans
         ],
     }
@@ -330,6 +335,16 @@ def launch(
             log.warning("staging sweep failed: %s", _error(exc))
     marked = False
     entries = []
+    # Cluster directories whose names are refused: reported (exit 1), nothing else done.
+    refused: dict[str, list[dict[str, str]]] = {}
+    for d in discoveries:
+        for c in d.get("clusters", []):
+            if c.get("refused") and not clusters:
+                refused.setdefault(c["cluster"], c.get("bad", []))
+        d["clusters"] = [c for c in d.get("clusters", []) if not c.get("refused")]
+    for name, bad in sorted(refused.items()):
+        report = ClusterReport(name, cutoff, run_id, bad=[BadFile(**b) for b in bad])
+        entries.append({"cluster": name, "hosts": {}, "report": _close(report, started, mode)})
     for ch in routing.select_hosts(discoveries, router()):
         if clusters and ch.cluster not in clusters:
             continue
@@ -467,10 +482,10 @@ def _archived_sources(url: str) -> dict[str, Any]:
     return sink.footer_sources(sink.read_footer(url))
 
 
-def _archived_sizes(url: str, host: str) -> dict[str, int]:
-    """File name -> size of a host's files as the published archive lists them."""
+def _archived_files(url: str, host: str) -> dict[str, SourceFile]:
+    """File name -> identity of a host's files as the published archive lists them."""
     entry = _archived_sources(url).get(host, {})
-    return {f["name"]: int(f["size"]) for f in entry.get("files", [])}
+    return {f["name"]: SourceFile.from_dict(f) for f in entry.get("files", [])}
 
 
 @app.task(name="ccarchive.delete_files")
@@ -482,19 +497,19 @@ def delete_files(
     wanted: list[SourceFile] = []
     result = DeleteResult(_shown(cluster), _shown(host))
     try:
-        wanted = [SourceFile(**f) for f in files]
+        wanted = [SourceFile.from_dict(f) for f in files]
         _check_names(cluster=cluster, host=host, run_id=run_id, cutoff=cutoff)
         _renew(cluster, run_id)
         if archived:
             # Guarantee 1, checked where the deleting happens: the archive under its final
-            # name must list each file with this size, whatever the message says.
+            # name must list each file with this very identity, whatever the message says.
             url = sink.archive_url(s.archive or "", steps.check_name(cluster, "cluster"), cutoff)
-            listed = _archived_sizes(url, host)
-            for f in [f for f in wanted if listed.get(f.name) != f.size]:
+            listed = _archived_files(url, host)
+            for f in [f for f in wanted if listed.get(f.name) != f]:
                 result.kept.append(
                     BadFile(os.path.join(_host_path(cluster, host), f.name), f"not listed in {url}")
                 )
-            wanted = [f for f in wanted if listed.get(f.name) == f.size]
+            wanted = [f for f in wanted if listed.get(f.name) == f]
         done = steps.delete_files(s.checkpoints or "", cluster, host, wanted)
     except Exception as exc:
         # Kept files listed in a committed archive are deleted by the next run's recovery.
