@@ -433,20 +433,20 @@ def test_delete_mode_removes_selected_files_only(tmp_path: Path) -> None:
             "does not exist",
         ),
         (
-            ["--checkpoints", "{tmp}", "--archive", "{tmp}/file/sub", "--cutoff", "1"],
+            ["--checkpoints", "{tmp}/cp", "--archive", "{tmp}/file/sub", "--cutoff", "1"],
             "not writable",
         ),
         (
-            ["--checkpoints", "{tmp}", "--archive", "{tmp}/a", "--retention", "48 hours"],
+            ["--checkpoints", "{tmp}/cp", "--archive", "{tmp}/a", "--retention", "48 hours"],
             "invalid duration",
         ),
-        (["--checkpoints", "{tmp}", "--archive", "{tmp}/a", "--retention=-5h"], "positive"),
-        (["--checkpoints", "{tmp}", "--archive", "{tmp}/a"], "--cutoff"),
-        (["--checkpoints", "{tmp}", "--cutoff", "1"], "--archive"),
+        (["--checkpoints", "{tmp}/cp", "--archive", "{tmp}/a", "--retention=-5h"], "positive"),
+        (["--checkpoints", "{tmp}/cp", "--archive", "{tmp}/a"], "--cutoff"),
+        (["--checkpoints", "{tmp}/cp", "--cutoff", "1"], "--archive"),
         (
             [
                 "--checkpoints",
-                "{tmp}",
+                "{tmp}/cp",
                 "--archive",
                 "{tmp}/a",
                 "--cutoff",
@@ -456,11 +456,12 @@ def test_delete_mode_removes_selected_files_only(tmp_path: Path) -> None:
             ],
             "not allowed",
         ),
-        (["--checkpoints", "{tmp}", "--archive", "{tmp}/a", "--cutoff", "soon"], "invalid int"),
+        (["--checkpoints", "{tmp}/cp", "--archive", "{tmp}/a", "--cutoff", "soon"], "invalid int"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "file").write_text("x")
+    (tmp_path / "cp").mkdir()  # beside the archive root, not around it (SPEC §6.9)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
     proc = subprocess.run(

@@ -16,7 +16,7 @@ import pytest
 import s3fs
 
 from tests.fixtures_s3 import S3Bucket
-from workers import ops, recovery, sourcefiles, steps, storage
+from workers import ops, recovery, sourcefiles, staging, steps, storage
 from workers.celery import _transport_options, celery_config
 from workers.config import Settings, mask_url, redis_client
 from workers.manifest import ClusterReport, SourceFile
@@ -213,25 +213,39 @@ def test_sweep_staging_on_s3_removes_old_runs_and_aborts_orphaned_uploads(
 ) -> None:
     storage.configure({"s3": {**storage.current_options()["s3"], "default_block_size": 5 * MiB}})
     real_initiated(monkeypatch)
-    staging = f"{s3_bucket.url}/staging"
-    # Run "old": a chunk (an object) and an upload its worker died in; run "parts": only
-    # an upload, so no listing shows the prefix at all; run "live": the current run.
-    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="staging/old/c/h1.arrow", Body=b"1")
-    dead_upload(s3_bucket, "staging/old/c/h2.arrow")
-    dead_upload(s3_bucket, "staging/parts/c/h.arrow")
-    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="staging/live/c/h.arrow", Body=b"1")
+    url = f"{s3_bucket.url}/staging"
+    old, parts, live = (staging.new_run_id(1) for _ in range(3))
+    for run in (old, parts, live):
+        staging.mark_run(url, run)
+    # Run `old`: a chunk (an object) and an upload its worker died in; run `parts`: only its
+    # marker and an upload; run `live`: the current run. `foreign`: the same shapes, but not
+    # made by the archiver (no marker): never touched, however old.
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=f"staging/{old}/c/h1.arrow", Body=b"1")
+    dead_upload(s3_bucket, f"staging/{old}/c/h2.arrow")
+    dead_upload(s3_bucket, f"staging/{parts}/c/h.arrow")
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=f"staging/{live}/c/h.arrow", Body=b"1")
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="staging/foreign/c/h.arrow", Body=b"1")
+    dead_upload(s3_bucket, "staging/foreign/c/h2.arrow")
 
     # Young: nothing is touched.
-    assert recovery.sweep_staging(staging, "live", grace_seconds=3600) == []
-    assert len(s3_bucket.pending_uploads()) == 2
+    assert recovery.sweep_staging(url, live, grace_seconds=3600) == []
+    assert len(s3_bucket.pending_uploads()) == 3
 
     later = time.time() + 7200  # two hours on: everything above is older than the grace
     monkeypatch.setattr(recovery.time, "time", lambda: later)
-    removed = recovery.sweep_staging(staging, "live", grace_seconds=3600)
+    removed = recovery.sweep_staging(url, live, grace_seconds=3600)
 
-    assert sorted(r.rsplit("/", 1)[-1] for r in removed if not r.endswith(".arrow")) == ["old"]
-    assert s3_bucket.pending_uploads() == []
-    assert s3_bucket.keys() == ["staging/live/c/h.arrow"]  # the live run is never swept
+    assert sorted(r.rsplit("/", 1)[-1] for r in removed if not r.endswith(".arrow")) == sorted(
+        [old, parts]
+    )
+    assert s3_bucket.pending_uploads() == ["staging/foreign/c/h2.arrow"]
+    assert s3_bucket.keys() == sorted(  # the live run and what is not ours are never swept
+        [
+            "staging/foreign/c/h.arrow",
+            f"staging/{live}/.ccarchive-staging",
+            f"staging/{live}/c/h.arrow",
+        ]
+    )
 
 
 def test_recovery_aborts_an_old_upload_of_an_archive_no_run_writes_again(

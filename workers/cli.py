@@ -166,9 +166,20 @@ def cmd_archive(args: argparse.Namespace) -> int:
         raise UsageError("give --checkpoints DIR (or set CCARCHIVE_CHECKPOINTS)")
     if not Path(settings.checkpoints).is_dir():
         raise UsageError(f"checkpoint directory {settings.checkpoints} does not exist")
+    from . import roots
+
     if settings.mode == "archive":
         if not settings.archive:
             raise UsageError("give --archive DIR|URL (or set CCARCHIVE_ARCHIVE)")
+        # Before anything is created: an archive root inside the tree would be made there.
+        problem = roots.roots_problem(settings.checkpoints, settings.archive, settings.staging)
+        if problem is not None:
+            raise UsageError(problem)
+        if not settings.staging:
+            try:
+                roots.private_staging_root()  # refused (planted by someone else?): exit 2
+            except roots.RootsRefused as exc:
+                raise UsageError(str(exc)) from None
         _check_archive_writable(settings.archive)
     cutoff = _cutoff(args, settings)
     _serve_metrics(settings)  # Prometheus endpoint and textfile, when configured
@@ -190,8 +201,15 @@ def cmd_archive(args: argparse.Namespace) -> int:
         clusters=args.cluster,
     )
     console = Console(stderr=True)
-    with _ProgressDisplay(console) as display:
-        reports = runner.run(options, display.update)
+    try:
+        # SIGTERM/SIGINT become an exception: the run's clean-up (staging, locks) runs.
+        with runner.signals_interrupt(), _ProgressDisplay(console) as display:
+            reports = runner.run(options, display.update)
+    except roots.RootsRefused as exc:
+        raise UsageError(str(exc)) from None
+    except runner.Interrupted as exc:
+        print(f"ccarchive: {exc}; files not yet archived are kept", file=sys.stderr)
+        return 128 + exc.signo
     _print_summary(reports, settings.mode)
     return EXIT_OK if all(r.ok for r in reports) else EXIT_REPORTED
 

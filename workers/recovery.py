@@ -8,8 +8,8 @@ per host, every archived file with its size). So, before loading anything:
   happen: delete it now (never archive it again);
 - one listed that has changed since is reported and excluded from loading: its name says
   it is archived, its content says otherwise, and only a person can tell which is right;
-- temporary archive files and staging chunks older than a grace period belong to runs that
-  died: remove them.
+- temporary archive files older than a grace period belong to runs that died: remove them;
+- so do staging run directories, but only those the archiver provably made (SPEC §6.9).
 
 See docs/commit-protocol.md for the states of a run and why this is enough.
 """
@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import sink, storage
+from . import sink, staging, storage
 from .checkpoint import checkpoint_timestamp
 from .manifest import BadFile, SourceFile
 from .sourcefiles import delete_if_unchanged
@@ -164,28 +164,51 @@ def _before(timestamp: float) -> datetime:
 
 
 def sweep_staging(
-    staging: str, keep_run_id: str | None, grace_seconds: float = DEFAULT_GRACE_SECONDS
+    staging_url: str,
+    keep_run_id: str | None,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    private: bool = False,
 ) -> list[str]:
-    """Remove staging runs (`<staging>/<run_id>/`) untouched for longer than the grace
-    period, and (S3) chunk uploads that dead workers started longer ago than that."""
+    """Remove run directories of dead runs under the staging root; return what went.
+
+    Only a directory the archiver can prove it made is ever removed (SPEC §6.9): its name
+    is a run id and it holds the run's marker (`staging.owned_run`); anything else under
+    the staging root is left alone, whatever its age. An owned run is dead once nothing in
+    it changed for the grace period; in the embedded runner's private temporary staging
+    (`private`) also as soon as its run's lock is free. On S3, chunk uploads that dead
+    workers started longer ago than the grace period are aborted inside owned runs only.
+    """
     now = time.time()
-    # An upload a worker died in is invisible to listings: a run prefix holding only such
-    # parts is not even listed below. Live runs' uploads are younger than the grace period.
-    removed = storage.abort_uploads(staging, older_than=_before(now - grace_seconds))
-    fs, path = storage.filesystem(staging)
+    fs, path = storage.filesystem(staging_url)
+    removed: list[str] = []
     if not fs.exists(path):
         return removed
-    for run in fs.ls(path, detail=False):
-        if run.rstrip("/").rsplit("/", 1)[-1] == keep_run_id:
+    local = storage.is_local(fs)
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name == keep_run_id:
             continue
-        entries = list(fs.find(run, detail=True, withdirs=True).values())
-        if storage.is_local(fs):
-            entries.append(fs.info(run))  # an empty, just-made run directory is young too
+        if not staging.owned_run(staging_url, name):
+            log.debug("staging sweep: %s was not made by the archiver; left alone", entry)
+            continue
+        if private and local:
+            dead = staging.remove_dead_private_run(path, name)
+            if dead is True:
+                removed.append(entry)
+            if dead is not None:
+                continue
+        run = staging.run_url(staging_url, name)
+        entries = list(fs.find(entry, detail=True, withdirs=True).values())
+        if local:
+            entries.append(fs.info(entry))  # an empty, just-made run directory is young too
         # S3 "directories" are only prefixes, without a time: the objects below decide.
         ages = [_entry_age(info, now) for info in entries if _has_time(info)]
         if ages and min(ages) > grace_seconds:
-            storage.remove_tree(storage.join(staging, run.rstrip("/").rsplit("/", 1)[-1]))
-            removed.append(run)
+            staging.remove_run(staging_url, name)
+            removed.append(entry)
+        else:
+            # A live run's worker that died mid-upload left invisible parts: abort those.
+            removed.extend(storage.abort_uploads(run, older_than=_before(now - grace_seconds)))
     return removed
 
 

@@ -17,21 +17,18 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import metrics, ops, recovery, steps, storage
+from . import metrics, ops, recovery, roots, staging, steps, storage
 from .locks import DirectoryLock, LockBusy
 from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest
 from .sink import ArchiveInfo, ParquetOptions
@@ -51,7 +48,7 @@ class RunOptions:
     archive: str | None = None
     mode: str = "archive"
     workers: int = 1
-    staging: str | None = None  # None: a temporary directory, removed afterwards
+    staging: str | None = None  # None: a private temporary directory, removed afterwards
     parquet: ParquetOptions = field(default_factory=ParquetOptions)
     chunk_compression: str | None = "lz4"
     clusters: list[str] | None = None  # restrict to these clusters
@@ -59,9 +56,46 @@ class RunOptions:
     run_log: str | None = None  # where run records go (ops.record_run); None: none
 
 
-def new_run_id(cutoff: int) -> str:
-    """A unique, sortable id for one run."""
-    return f"{cutoff}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+#: A unique, sortable id for one run (`staging.new_run_id`; its staging directory's name).
+new_run_id = staging.new_run_id
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived: the run stops, its `finally` blocks clean up.
+
+    A BaseException, like KeyboardInterrupt, so no `except Exception` of a step turns it
+    into a reported failure and goes on.
+    """
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signo).name}")
+        self.signo = signo
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT raise Interrupted in the main thread (once: a
+    second signal during the clean-up is ignored); the previous handlers come back after.
+
+    Without it SIGTERM ends the process on the spot and leaves the run's staging behind.
+    Outside the main thread (where handlers cannot be installed) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signo: int, _frame: Any) -> None:
+        if not fired:
+            fired.append(signo)
+            raise Interrupted(signo)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signo, old in previous.items():
+            signal.signal(signo, old)
 
 
 class _InlineExecutor(Executor):
@@ -71,8 +105,10 @@ class _InlineExecutor(Executor):
         future: Future[Any] = Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:
+        except Exception as exc:
             future.set_exception(exc)
+        # Interrupted, KeyboardInterrupt: raised here, so the run stops now, not after
+        # every other host was loaded.
         return future
 
 
@@ -95,6 +131,19 @@ def _executor(options: RunOptions, streaming: bool) -> Executor:
         initializer=_start_pool_process,
         initargs=(storage.current_options(),),
     )
+
+
+def _stop_pool(pool: Executor) -> None:
+    """End a pool now: queued calls cancelled, running ones' processes terminated.
+
+    A load that stops midway leaves at most a chunk's temporary file in the run's staging,
+    which the runner removes next; waiting instead could take as long as the load.
+    """
+    if isinstance(pool, ProcessPoolExecutor):
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            with suppress(Exception):
+                process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _start_pool_process(storage_options: dict[str, Any]) -> None:
@@ -208,13 +257,18 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
     """Archive (or delete) everything the cutoff selects; one report per cluster."""
     notify = progress or (lambda _event, _cluster, _detail: None)
     run_id = new_run_id(options.cutoff)
+    archiving = options.mode == "archive"
+    if archiving:
+        roots.check_roots(options.checkpoints, options.archive, options.staging)
+    # Without --staging: a run directory in this user's private temporary staging, locked
+    # while the run lives and removed when it ends (SPEC §6.9).
+    private_root = roots.private_staging_root() if archiving and not options.staging else None
+    staging_url = private_root or options.staging
     plans = [
         p
         for p in steps.discover(options.checkpoints)
         if not options.clusters or p.cluster in options.clusters
     ]
-    own_staging = options.staging is None and options.mode == "archive"
-    staging_url = tempfile.mkdtemp(prefix="ccarchive-staging-") if own_staging else options.staging
     states: dict[str, _ClusterState] = {}
     started = time.perf_counter()
     # A directory whose name is refused is reported like a kept file (exit 1), untouched.
@@ -233,13 +287,22 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
         if state.lock is None:  # skipped: recorded like any run (`ccarchive status`, metrics)
             _finish(state, started, notify)
     plans = [p for p in plans if states[p.cluster].lock is not None]
-    if options.staging and options.mode == "archive":
-        recovery.sweep_staging(options.staging, run_id, options.grace_seconds)
+    private_run: staging.PrivateRun | None = None
     # A thread per cluster writes its archive while its hosts load (see the module's doc).
     streaming = options.workers > 1 and options.mode == "archive"
     finalizers: list[threading.Thread] = []
     try:
-        with _executor(options, streaming) as pool:
+        if archiving and staging_url:
+            recovery.sweep_staging(
+                staging_url, run_id, options.grace_seconds, private=private_root is not None
+            )
+            if any(p.hosts for p in plans):
+                # Marked before any chunk: only a marked run directory may a sweep remove.
+                if private_root is not None:
+                    private_run = staging.PrivateRun(private_root, run_id)
+                else:
+                    staging.mark_run(staging_url, run_id)
+        with _executor(options, streaming) as pool, _stopped_on_error(pool):
             pending: dict[Future[Any], tuple[str, str, str]] = {}
 
             def submit(
@@ -344,14 +407,28 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
         for state in states.values():
             if state.lock is not None:
                 state.lock.release()
-        if own_staging and staging_url:
-            shutil.rmtree(staging_url, ignore_errors=True)
+        # Nothing in the run's staging is of use once the run ends, finished or not.
+        if private_run is not None:
+            private_run.close()
+        elif archiving and staging_url and plans:
+            with suppress(OSError):  # it is marked: a later run's sweep removes it
+                staging.remove_run(staging_url, run_id)
     return [state.report for state in [*states.values(), *refused]]
 
 
 def _refused_report(plan: steps.ClusterPlan, cutoff: int, run_id: str) -> ClusterReport:
     """The report of a cluster directory whose name is refused: its reason, nothing done."""
     return ClusterReport(plan.cluster, cutoff, run_id, bad=list(plan.bad))
+
+
+@contextmanager
+def _stopped_on_error(pool: Executor) -> Iterator[None]:
+    """Stop the pool at once when the run ends by an exception (Interrupted, a bug)."""
+    try:
+        yield
+    except BaseException:
+        _stop_pool(pool)
+        raise
 
 
 def _prepare(plan: steps.ClusterPlan, report: ClusterReport, options: RunOptions) -> _ClusterState:
@@ -444,7 +521,8 @@ def _finish(
     report = state.report
     if staging_url:
         try:
-            steps.cleanup_staging(staging_url, report.run_id, report.cluster)
+            # The run's directory itself goes when the run ends (runner.run).
+            steps.cleanup_staging(staging_url, report.run_id, report.cluster, whole_run=False)
         except OSError as exc:
             report.errors.append(f"staging not removed: {_error(exc)}")
     report.seconds = time.perf_counter() - started

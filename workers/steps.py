@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -363,18 +364,16 @@ def delete_expired(checkpoints: str, cluster: str, host: str, cutoff: int) -> De
     return result
 
 
-def cleanup_staging(staging_url: str, run_id: str, cluster: str) -> None:
-    """Remove a cluster's staging chunks of one run (and the run's prefix once empty)."""
+def cleanup_staging(staging_url: str, run_id: str, cluster: str, whole_run: bool = True) -> None:
+    """Remove a cluster's staging chunks of one run, and (`whole_run`) the run's directory
+    once nothing but its marker is left in it."""
     # Both names come from task messages: "..", say, would make this remove a whole root.
     check_name(run_id, "run id")
     check_name(cluster, "cluster")
     storage.remove_tree(staging.cluster_url(staging_url, run_id, cluster))
-    fs, path = storage.filesystem(staging.run_url(staging_url, run_id))
-    try:
-        if fs.exists(path) and not fs.ls(path):
-            fs.rmdir(path)
-    except OSError:
-        pass  # another cluster of the run is still staged, or the prefix is already gone
+    if whole_run:
+        with suppress(OSError):  # the prefix is already gone, or swept later (it is marked)
+            staging.remove_run_if_empty(staging_url, run_id)
 
 
 __all__ = [

@@ -41,7 +41,7 @@ from celery import Task, chord
 from celery.canvas import Signature
 from celery.exceptions import ChordError
 
-from . import ops, recovery, routing, sink, staging, steps
+from . import ops, recovery, roots, routing, sink, staging, steps
 from .celery import app
 from .config import (
     Settings,
@@ -101,6 +101,13 @@ def _lock(cluster: str, run_id: str) -> RedisLock:
     return RedisLock(
         _redis(), steps.check_name(cluster, "cluster"), run_id, parse_duration(s.lock_timeout)
     )
+
+
+def _roots_problem() -> str | None:
+    """Why this worker's roots overlap (SPEC §6.9), or None: such a worker never archives,
+    never writes a chunk and never sweeps or removes staging."""
+    s = settings()
+    return roots.roots_problem(s.checkpoints, s.archive, s.staging)
 
 
 def _run_goes_on(cluster: str, run_id: str) -> bool:
@@ -247,6 +254,8 @@ def plan(
         problem = "the workers have no archive location (CCARCHIVE_ARCHIVE)"
     elif mode == "archive" and not s.staging:
         problem = "the workers have no shared staging location (CCARCHIVE_STAGING)"
+    elif mode == "archive" and _roots_problem():
+        problem = f"refused: {_roots_problem()}"
     elif not _same_location(s.checkpoints, checkpoints):
         problem = f"the workers archive {s.checkpoints}, not {checkpoints}"
     elif mode == "archive" and not _same_location(
@@ -321,11 +330,16 @@ def launch(
     errors = [f"discovery on queue {d['queue']}: {d['error']}" for d in discoveries if "error" in d]
     for e in errors:
         log.error("run %s: %s", run_id, e)
+    if mode == "archive" and (problem := _roots_problem()):
+        log.error("run %s refused: %s", run_id, problem)  # nothing swept, nothing loaded
+        errors.append(f"refused: {problem}")
+        return {"run_id": run_id, "cutoff": cutoff, "mode": mode, "errors": errors, "clusters": []}
     if mode == "archive" and s.staging:
         try:
             recovery.sweep_staging(s.staging, run_id, s.grace_seconds)
         except Exception as exc:
             log.warning("staging sweep failed: %s", _error(exc))
+    marked = False
     entries = []
     # Cluster directories whose names are refused: reported (exit 1), nothing else done.
     refused: dict[str, list[dict[str, str]]] = {}
@@ -364,6 +378,17 @@ def launch(
             queue=router().finalize_queue, task_id=report_id
         )
         if mode == "archive":
+            if not marked and s.staging:
+                # Before any chunk: a sweep removes only run directories marked as ours.
+                try:
+                    staging.mark_run(s.staging, run_id)
+                except Exception as exc:
+                    lock.release()
+                    report.errors.append(f"skipped: cannot mark the run's staging: {_error(exc)}")
+                    entry["report"] = _close(report, started, mode)
+                    entries.append(entry)
+                    continue
+                marked = True
             entry["loads"] = {h: str(uuid.uuid4()) for h in ch.hosts}
             entry["finalize"] = finalize_id = str(uuid.uuid4())
             header = [
@@ -413,6 +438,8 @@ def load_host(self: Task, cluster: str, host: str, cutoff: int, run_id: str) -> 
         manifest = HostManifest(_shown(cluster), _shown(host), cutoff, _shown(run_id))
         manifest.bad.append(BadFile(_host_path(cluster, host), f"refused: {exc}"))
         return {"manifest": manifest.to_dict(), "recovered": []}
+    if problem := _roots_problem():
+        return _failed_load(cluster, host, cutoff, run_id, f"refused: {problem}")
     attempt = _attempt(self)
     if attempt > _max_attempts():
         # Redelivered after its worker died every time (e.g. killed for memory): give up
@@ -546,6 +573,8 @@ def finalize_cluster(
     try:
         # Inside the try: a refused message still ends with a report (FAILED, permanent).
         _check_names(cluster=cluster, run_id=run_id, cutoff=cutoff)
+        if problem := _roots_problem():
+            raise roots.RootsRefused(problem)
         lock = _lock(cluster, run_id)
 
         def still_ours() -> None:
@@ -573,7 +602,9 @@ def finalize_cluster(
                 before_publish=still_ours,
             )
     except Exception as exc:
-        permanent = isinstance(exc, sink.ArchiveConflict | LockLost | steps.UnsafeName)
+        permanent = isinstance(
+            exc, sink.ArchiveConflict | LockLost | steps.UnsafeName | roots.RootsRefused
+        )
         twin = None if permanent else _published_twin(cluster, cutoff, run_id, manifests)
         if twin is None:
             if not permanent and attempt < _max_attempts():
@@ -654,7 +685,7 @@ def abandon_cluster(
         "next run recovers what was committed"
     )
     s = settings()
-    if mode == "archive" and s.staging:
+    if mode == "archive" and s.staging and not _roots_problem():
         with suppress(Exception):  # swept later anyway (recovery.sweep_staging)
             steps.cleanup_staging(s.staging, rep.run_id, rep.cluster)
     try:
@@ -736,7 +767,7 @@ def finish_cluster(
         result = DeleteResult.from_dict(d)
         rep.files_deleted += len(result.deleted)
         rep.bad.extend(result.kept)
-    if mode == "archive" and s.staging:
+    if mode == "archive" and s.staging and not _roots_problem():
         try:
             steps.cleanup_staging(s.staging, rep.run_id, rep.cluster)
         except Exception as exc:
