@@ -162,7 +162,8 @@ def one_turn(
         cmd += ["-cutoff", str(cutoff), "-workers", str(workers), "-quiet"]
     r = run_process(cmd, _py_env(), work / f"{side}.log")
     path, size, rows = _output(archive)
-    r.update(side=side, workers=workers, bytes=size, rows=rows)
+    # Other users of the machine inflate CPU time too (shared caches, SMT siblings): record it.
+    r.update(side=side, workers=workers, bytes=size, rows=rows, load1=os.getloadavg()[0])
     r["sources_left"] = sum(1 for p in tree.rglob("*") if p.is_file())
     if keep_as is not None:
         shutil.rmtree(keep_as, ignore_errors=True)
@@ -275,6 +276,15 @@ def render(res: dict[str, Any]) -> str:
         "bytes/row ours / Go | same rows |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    loads = [
+        t["load1"] for c in res["configs"].values() for t in c["ours"] + c["go"] if "load1" in t
+    ]
+    if loads:
+        lines.insert(
+            3,
+            f"Load average (1 min) after the turns: {min(loads):.1f} to {max(loads):.1f} "
+            f"(median {statistics.median(loads):.1f}) on {os.cpu_count()} cores.",
+        )
     for c in res["configs"].values():
         o, g = c["ours"], c["go"]
         oc, gc = _median(o, "cpu"), _median(g, "cpu")
@@ -316,7 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workdir", default="/tmp/ccarchive-vsgo")
     p.add_argument("--readme", action="store_true", help="write the report into bench/README.md")
+    p.add_argument("--render", metavar="JSON", help="only print (and --readme) earlier results")
     opts = p.parse_args(argv)
+    if opts.render:
+        text = render(json.loads(Path(opts.render).read_text()))
+        print(text)
+        if opts.readme:
+            _write_readme(text)
+        return 0
     labels = [x.strip() for x in opts.configs.split(",") if x.strip()]
     if unknown := [x for x in labels if x not in CONFIGS]:
         p.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
