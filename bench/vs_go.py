@@ -256,7 +256,7 @@ def _median(turns: list[dict[str, Any]], key: str) -> float:
 def render(res: dict[str, Any]) -> str:
     """The markdown report: trees, one row per configuration, the ratios."""
     lines = [
-        f"Measured {res['date']} on {res['machine']}.",
+        f"Run started {res['date']} on {res['machine']}.",
         f"Command: `{res['command']}`; Go peer: `{res['go_version']}`.",
         f"Medians of {res['turns']} turns per side, alternating which side goes first; CPU = "
         "user + system of the whole process tree, peak RSS = the largest process of the tree.",
