@@ -402,6 +402,73 @@ def test_json_and_bin_carry_the_same_values(tmp_path: Path) -> None:
         assert same_f32(vals, want.astype(np.float32)), key
 
 
+_NUMBER = re.compile(rb"-?[0-9]+(?:\.[0-9]+)?|null")
+
+
+def written_digits(token: bytes) -> int:
+    """Significant digits as printed: leading and trailing zeros dropped (1234000 has 4)."""
+    return len(token.lstrip(b"-").replace(b".", b"").strip(b"0"))
+
+
+def test_hourly_shape(tmp_path: Path) -> None:
+    s = generate_tree(
+        tmp_path, ["c"], 3, files_per_host=4, fmt="mixed", samples=60, start=0, shape="hourly"
+    )
+    assert s.files == 12
+    jsons = sorted(tmp_path.rglob("*.json"))
+    bins = sorted(tmp_path.rglob("*.bin"))
+    assert len(jsons) == len(bins) == 6
+    slots = missing = rows = 0
+    digits: list[int] = []
+    for p in jsons:
+        raw = p.read_bytes()
+        doc = orjson.loads(raw)
+        series = list(walk_json(doc))
+        assert 950 <= len(series) <= 1050, p
+        for _, m in series:
+            assert m["frequency"] == 60 and 1 <= len(m["data"]) <= 60
+        assert sum(len(m["data"]) == 60 for _, m in series) >= 0.95 * len(series)
+        data = [x for _, m in series for x in m["data"]]
+        slots += len(data)
+        missing += sum(x is None for x in data)
+        rows += sum(x is not None for x in data)
+        # The text of every value inside the "data" arrays.
+        for chunk in re.findall(rb'"data":\[([^\]]*)\]', raw):
+            digits += [written_digits(t) for t in _NUMBER.findall(chunk) if t != b"null"]
+    for p in bins:
+        _, _, tree = decode_binary(p.read_bytes())
+        series = list(walk_bin(tree))
+        assert 950 <= len(series) <= 1050, p
+        vals = np.concatenate([v for _, (_, _, v) in series])
+        slots += len(vals)
+        missing += int(np.isnan(vals).sum())
+        rows += int((~np.isnan(vals)).sum())
+    assert rows == s.values
+    # ~2 % of the written values are null (JSON) or NaN (binary).
+    assert 0.01 <= missing / slots <= 0.03, missing / slots
+    nonzero = np.array([d for d in digits if d > 0])
+    # Each series' largest value has 4-6 significant digits (7 when rounding carries, 9.99996
+    # -> 10.0000); smaller values of the series print fewer. Most values carry 4-6.
+    assert nonzero.max() <= 7
+    assert 4 <= np.median(nonzero) <= 6
+    assert np.mean((nonzero >= 4) & (nonzero <= 6)) >= 0.6
+    # One-decimal node trees, by contrast, keep their single fraction digit.
+    text = (tmp_path / "c" / "c0001" / "0.json").read_bytes()
+    assert re.search(rb"[0-9]\.[0-9]{3,}", text)
+
+
+def test_metric_decimals_override_the_file_setting() -> None:
+    level = Level(
+        metrics={
+            "a": Metric(60, 0, np.array([1.23456, np.nan]), decimals=3),
+            "b": Metric(60, 0, np.array([2.25])),
+        }
+    )
+    doc = json_bytes(level, 0, 120, decimals=1)
+    assert b'"data":[1.235,null]' in doc
+    assert b'"data":[2.2]' in doc  # half-even on the binary value, like Go's strconv
+
+
 def test_default_start_leaves_room_for_retention(tmp_path: Path) -> None:
     s = generate_tree(tmp_path, ["c"], 1, files_per_host=4, samples=720)
     now = time.time()
@@ -423,6 +490,7 @@ def test_default_start_leaves_room_for_retention(tmp_path: Path) -> None:
         {"fmt": "xml"},
         {"samples": 0},
         {"files_per_host": 0},
+        {"shape": "daily"},
     ],
 )
 def test_generate_tree_rejects_bad_arguments(tmp_path: Path, kwargs: dict) -> None:

@@ -80,9 +80,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--root", required=True, metavar="DIR")
     gen.add_argument("--clusters", default="fritz", help="comma-separated cluster names")
     gen.add_argument("--hosts", type=int, default=4, metavar="N", help="hosts per cluster")
-    gen.add_argument("--files-per-host", type=int, default=1, metavar="K")
+    gen.add_argument(
+        "--shape",
+        choices=("node", "hourly"),
+        default="node",
+        help="node: 12 h files of one-decimal values; hourly: 60-sample files, 4-6 "
+        "significant digits, ~2%% nulls",
+    )
+    gen.add_argument("--files-per-host", type=int, metavar="K", help="default 1 (node), 4 (hourly)")
     gen.add_argument("--format", choices=("json", "bin", "mixed"), default="json")
-    gen.add_argument("--samples", type=int, default=720, help="values per series per file")
+    gen.add_argument(
+        "--samples", type=int, help="values per series per file; default 720 (node), 60 (hourly)"
+    )
     gen.add_argument("--gpus", type=int, default=0, help="accelerators per host")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N")
@@ -301,6 +310,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate_tree
 
     clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
+    hourly = args.shape == "hourly"
+    if args.files_per_host is None:
+        args.files_per_host = 4 if hourly else 1
+    if args.samples is None:
+        args.samples = 60 if hourly else 720
     if not clusters or args.hosts < 1 or args.files_per_host < 1 or args.samples < 1:
         raise UsageError("need at least one cluster, host, file per host and sample")
     started = time.perf_counter()
@@ -314,6 +328,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         seed=args.seed,
         workers=args.workers,
+        shape=args.shape,
     )
     print(
         f"wrote {summary.files} files ({summary.values:,} values, {summary.bytes:,} bytes) for "

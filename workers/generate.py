@@ -91,6 +91,11 @@ _GPU_BUSES = ("3B", "5E", "86", "AF", "18", "D8", "07", "0F")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _FORMATS = ("json", "bin", "mixed")
+# "node": 12-hour files of one-decimal values (SPEC §1). "hourly": hourly checkpoints of
+# 60 samples whose values carry 4-6 significant digits and ~2 % nulls.
+SHAPES = ("node", "hourly")
+HOURLY_DIGITS = (4, 6)
+HOURLY_NAN_FRACTION = 0.019  # what _Missing turns into ~2 % nulls at 60 samples
 
 
 @dataclass
@@ -100,6 +105,8 @@ class Metric:
     frequency: int
     start: int
     values: np.ndarray
+    # JSON fraction digits of this series; None: the file's `decimals` (json_bytes).
+    decimals: int | None = None
 
 
 @dataclass
@@ -266,15 +273,28 @@ def json_bytes(level: Level, from_: int, to: int, decimals: int | None = 1) -> b
     """Serialise a checkpoint as upstream-style JSON (SPEC §2); NaN becomes null.
 
     decimals=1 prints like the Go writer ("12.3"); None prints the float64's shortest repr.
-    Infinite values raise ValueError, as JSON cannot represent them.
+    A Metric's own `decimals` overrides the file's for that series. Infinite values raise
+    ValueError, as JSON cannot represent them.
     """
     if decimals is not None and not (isinstance(decimals, int) and 0 <= decimals <= 15):
         raise ValueError(f"decimals must be None or an int in 0..15, got {decimals!r}")
-    arrays = [_as_f64(m.values) for m in _walk_metrics(level)]
-    if decimals is None:
-        texts = _format_series_repr(arrays)
-    else:
-        texts = _format_series_fixed(arrays, decimals)
+    metrics = list(_walk_metrics(level))
+    arrays = [_as_f64(m.values) for m in metrics]
+    digits = [decimals if m.decimals is None else m.decimals for m in metrics]
+    texts: list[bytes | memoryview] = [b""] * len(arrays)
+    # One batch per distinct fraction width: series with their own `decimals` cost no more
+    # than a file-wide setting.
+    for d in dict.fromkeys(digits):
+        members = [i for i, x in enumerate(digits) if x == d]
+        group = [arrays[i] for i in members]
+        if d is None:
+            done = _format_series_repr(group)
+        else:
+            if not (isinstance(d, int) and 0 <= d <= 15):
+                raise ValueError(f"decimals must be None or an int in 0..15, got {d!r}")
+            done = _format_series_fixed(group, d)
+        for i, t in zip(members, done, strict=True):
+            texts[i] = t
     it = iter(texts)
     parts: list[bytes | memoryview] = [b'{"from":%d,"to":%d,' % (int(from_), int(to))]
 
@@ -495,13 +515,34 @@ class _Missing:
         return drops.tolist() if samples >= 4 else [0] * rows
 
 
-def _finish(m: np.ndarray) -> np.ndarray:
+def _finish(m: np.ndarray, decimals: np.ndarray | None = None) -> np.ndarray:
     # Every generated metric is a rate, size or count: never negative.
     np.maximum(m, 0.0, out=m)
-    np.round(m, 1, out=m)
+    if decimals is None:
+        np.round(m, 1, out=m)
+    else:
+        # Per row: scale, round half-even, unscale, as np.round does for one width. Negative
+        # positions divide first, so that the result (an integer) is exact.
+        up = 10.0 ** np.maximum(decimals, 0).astype(np.float64)[:, None]
+        down = 10.0 ** np.maximum(-decimals, 0).astype(np.float64)[:, None]
+        np.rint(m * up / down, out=m)
+        m *= down
+        m /= up
     # Adding +0.0 turns the -0.0 that rounding tiny negatives produces into 0.0.
     m += 0.0
     return m
+
+
+def _significant_decimals(
+    rng: np.random.Generator, m: np.ndarray, digits: tuple[int, int]
+) -> np.ndarray:
+    """Per row of m: the rounding position that gives its largest value digits[0]..digits[1]
+    significant digits (drawn per row); negative rounds to tens, hundreds...; 0 for zeros."""
+    k = rng.integers(digits[0], digits[1] + 1, m.shape[0])
+    top = np.abs(m).max(axis=1, initial=0.0)  # no NaN yet: gaps come after rounding
+    exp = np.floor(np.log10(np.where(top > 0, top, 1.0))).astype(np.int64)
+    d = np.minimum(k - 1 - exp, 15)
+    return np.where(top > 0, d, 0)
 
 
 def host_level(
@@ -511,12 +552,16 @@ def host_level(
     frequency: int = 60,
     gpus: int = 0,
     nan_fraction: float = 0.01,
+    digits: tuple[int, int] | None = None,
 ) -> Level:
     """One realistic dual-socket node (SPEC §1): ~980 series (+6 per GPU) of `samples` values.
 
-    Values have one decimal; about `nan_fraction` of them are missing (NaN runs, outages,
-    whole series, late-starting series).
+    Values have one decimal, or with `digits=(lo, hi)` lo..hi significant digits (drawn per
+    series, which then carries its own JSON `decimals`); about `nan_fraction` of them are
+    missing (NaN runs, outages, whole series, late-starting series).
     """
+    if digits is not None and not 1 <= digits[0] <= digits[1] <= 15:
+        raise ValueError(f"digits must be (lo, hi) with 1 <= lo <= hi <= 15, got {digits!r}")
     if samples < 1 or frequency < 1:
         raise ValueError("samples and frequency must be >= 1")
     if gpus < 0:
@@ -694,10 +739,19 @@ def host_level(
     def rows(groups: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, list[Metric]]:
         out: dict[str, list[Metric]] = {}
         for name in names:
-            m = _finish(np.array(groups[name], dtype=np.float64))
+            m = np.array(groups[name], dtype=np.float64)
+            if digits is None:
+                dec: list[int | None] = [None] * len(m)
+                _finish(m)
+            else:
+                np.maximum(m, 0.0, out=m)
+                d = _significant_decimals(rng, m, digits)
+                _finish(m, d)
+                dec = np.maximum(d, 0).tolist()  # 1234000 prints with no fraction
             drops = missing.apply(m)
             out[name] = [
-                Metric(frequency, start + k * frequency, m[r, k:]) for r, k in enumerate(drops)
+                Metric(frequency, start + k * frequency, m[r, k:], dec[r])
+                for r, k in enumerate(drops)
             ]
         return out
 
@@ -760,6 +814,7 @@ class _HostTask:
     seed: int
     frequency: int
     start: int
+    shape: str = "node"
 
 
 def _generate_host(task: _HostTask) -> tuple[int, int, int]:
@@ -774,7 +829,19 @@ def _generate_host(task: _HostTask) -> tuple[int, int, int]:
             [task.seed, zlib.crc32(task.cluster.encode()), task.host_index, k]
         )
         ts = task.start + k * span
-        level = host_level(np.random.default_rng(ss), ts, task.samples, task.frequency, task.gpus)
+        rng = np.random.default_rng(ss)
+        if task.shape == "hourly":
+            level = host_level(
+                rng,
+                ts,
+                task.samples,
+                task.frequency,
+                task.gpus,
+                nan_fraction=HOURLY_NAN_FRACTION,
+                digits=HOURLY_DIGITS,
+            )
+        else:
+            level = host_level(rng, ts, task.samples, task.frequency, task.gpus)
         fmt = task.fmt if task.fmt != "mixed" else ("json", "bin")[(task.host_index + k) % 2]
         path = Path(task.root) / task.cluster / host / f"{ts}.{fmt}"
         size += write_checkpoint(path, level, ts, ts + span, fmt)
@@ -795,14 +862,19 @@ def generate_tree(
     frequency: int = 60,
     start: int | None = None,
     workers: int = 1,
+    shape: str = "node",
 ) -> GenerateSummary:
     """Write `<root>/<cluster>/<host>/<ts>.json|.bin` for `hosts` hosts per cluster.
 
-    fmt "mixed" alternates json/bin by host and file. Same arguments and seed give the same
-    bytes (unless start defaults from the clock). workers > 1 uses a process pool over hosts.
+    fmt "mixed" alternates json/bin by host and file. shape "hourly" writes values with 4-6
+    significant digits and ~2 % nulls (use samples=60 for hourly files). Same arguments and
+    seed give the same bytes (unless start defaults from the clock). workers > 1 uses a
+    process pool over hosts.
     """
     if fmt not in _FORMATS:
         raise ValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
     if hosts < 0 or files_per_host < 1 or samples < 1 or frequency < 1 or workers < 1:
         raise ValueError("hosts >= 0 and files_per_host, samples, frequency, workers >= 1")
     if len(set(clusters)) != len(clusters):
@@ -814,7 +886,9 @@ def generate_tree(
         start = _default_start(files_per_host, samples, frequency)
     root = Path(root)
     tasks = [
-        _HostTask(str(root), c, h, files_per_host, fmt, samples, gpus, seed, frequency, start)
+        _HostTask(
+            str(root), c, h, files_per_host, fmt, samples, gpus, seed, frequency, start, shape
+        )
         for c in clusters
         for h in range(hosts)
     ]
