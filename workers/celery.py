@@ -7,6 +7,7 @@ The CLI's `--broker` path builds its own app with `make_app` instead.
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -18,7 +19,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import logs, metrics
-from .config import Settings, load_settings, parse_duration
+from .config import ConfigError, Settings, load_settings, parse_duration
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -180,8 +181,20 @@ def make_app(settings: Settings | None = None) -> Celery:
     return celery_app
 
 
+def _app_or_exit() -> Celery:
+    """The app from the environment; an invalid setting is one line on stderr and exit 2.
+
+    Celery would otherwise print "Unable to load celery application" and a traceback.
+    """
+    try:
+        return make_app()
+    except ConfigError as exc:
+        print(f"ccarchive: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 #: The app every worker, beat and flower process uses (`celery -A workers ...`).
-app = make_app()
+app = _app_or_exit()
 
 # Prometheus metrics from the workers: counts each cluster's final report
 # (ccarchive.finish_cluster) and serves CCARCHIVE_METRICS_PORT when set.

@@ -22,6 +22,9 @@ from .logs import setup_logging
 from .manifest import ClusterReport
 
 EXIT_OK, EXIT_REPORTED, EXIT_USAGE = 0, 1, 2
+#: The reader of standard output went away (`ccarchive query ... | head`): 128 + SIGPIPE,
+#: what the shell reports for any filter stopped that way, and quietly, like them.
+EXIT_PIPE = 141
 
 
 class UsageError(Exception):
@@ -35,8 +38,16 @@ def _fail(message: str) -> NoReturn:
     sys.exit(EXIT_USAGE)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (README: one line on stderr, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `ccarchive <command>: error: ... (see --help)` and exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ccarchive",
         description="Archive ClusterCockpit metric-store checkpoints into one Parquet file per cluster.",
     )
@@ -113,6 +124,27 @@ def _check_archive_writable(archive: str) -> None:
         ) from None
 
 
+def _check_bucket(url: str, option: str) -> None:
+    """An object-store location's bucket must exist before a run starts: one line, exit 2."""
+    if "://" not in url or url.startswith("file://"):
+        return  # local directories: see _check_archive_writable
+    from . import storage
+
+    try:
+        fs, path = storage.filesystem(url)
+        if storage.is_local(fs):
+            return
+        bucket = path.split("/", 1)[0]
+        found = fs.exists(bucket)
+    except Exception as exc:  # any store error (endpoint, credentials) is one line
+        raise UsageError(f"cannot reach {option} {url}: {type(exc).__name__}: {exc}") from None
+    if not found:
+        raise UsageError(
+            f"{option} {url}: bucket {bucket!r} not found (it does not exist, these "
+            "credentials cannot see it, or the endpoint is unreachable)"
+        )
+
+
 def _cutoff(args: argparse.Namespace, settings: Settings) -> int:
     if args.cutoff is not None:
         return int(args.cutoff)
@@ -157,6 +189,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
         if not settings.archive:
             raise UsageError("give --archive DIR|URL (or set CCARCHIVE_ARCHIVE)")
         _check_archive_writable(settings.archive)
+        _check_bucket(settings.archive, "--archive")
+    if settings.staging:
+        _check_bucket(settings.staging, "--staging")
     cutoff = _cutoff(args, settings)
     _serve_metrics(settings)  # Prometheus endpoint and textfile, when configured
 
@@ -646,6 +681,8 @@ def _query_table(plan: Any, limit: int | None) -> int:
             table.add_row(*(str(k) for k in keys), ops.iso(keys[5]) or "", f"{value:.7g}")
             shown += 1
     out.print(table)
+    if _stdout_reader_gone():
+        raise BrokenPipeError  # `| head`: no note about rows nobody reads
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     note = f"{shown:,} rows; read {plan.row_groups_selected} of {plan.row_groups_total} row groups"
     if more:
@@ -667,14 +704,56 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ccarchive` console script."""
     args = _parser().parse_args(argv)
+    # rich exits 1 itself on a broken pipe, our "something was reported": let main decide.
+    Console.on_broken_pipe = _reraise_broken_pipe  # type: ignore[method-assign,assignment]
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()
+        # A large write the reader stopped reading in the middle of returns short, without
+        # an error: Python then drops the rest. Ask the pipe itself whether its reader left.
+        return _closed_stdout() if _stdout_reader_gone() else code
     except UsageError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_stdout()
+
+
+def _reraise_broken_pipe(_console: Console) -> None:
+    raise BrokenPipeError
+
+
+def _stdout_reader_gone() -> bool:
+    """True if stdout is a pipe whose reading end is closed (poll reports POLLERR)."""
+    import select
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError):  # no real stdout (closed, or replaced by a test)
+        return False
+
+
+def _closed_stdout() -> int:
+    """Exit quietly when the reader of stdout is gone (see EXIT_PIPE)."""
+    # Python's own advice: point stdout at /dev/null, or its flush at exit prints
+    # "Exception ignored ... BrokenPipeError" to stderr.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m workers.cli`: run the imported module's main, not this `__main__` copy, or
+    # UsageError raised by workers.remote (workers.cli.UsageError) would not be caught here.
+    from workers.cli import main as _main
+
+    sys.exit(_main())

@@ -27,6 +27,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -200,6 +201,14 @@ class Settings(BaseSettings):
         from .routing import parse_routes  # deferred: config stays importable on its own
 
         parse_routes(value)  # raises ValueError naming the offending pattern or queue
+        return value
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Only Redis is supported; anything else would end in a kombu KeyError traceback.
+        if value is not None and urlsplit(value).scheme.lower() not in ("redis", "rediss"):
+            raise ValueError(f"{mask_url(value)!r} is not a redis:// or rediss:// URL")
         return value
 
     @field_validator("default_queue", "finalize_queue")
@@ -495,6 +504,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     token = _ORIGINS.set(origins)
     try:
         return Settings(**given)
+    except SettingsError as exc:  # an env value that must be JSON (CCARCHIVE_ROUTES) is not
+        raise ConfigError(_settings_error(exc)) from None
     except ValidationError as exc:
         errors = exc.errors()
         err = errors[0]
@@ -515,6 +526,16 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         ) from None
     finally:
         _ORIGINS.reset(token)
+
+
+def _settings_error(exc: SettingsError) -> str:
+    """One line for a value pydantic-settings could not even parse: the variable, the reason."""
+    found = re.search(r'field "([^"]+)"', str(exc))
+    field = found.group(1) if found else ""
+    env = _env_name(field) if field else None
+    reason = exc.__cause__ or exc.__context__ or exc
+    what = f"{env} (setting {field})" if env else (field or "a setting")
+    return f"invalid {what}: not valid JSON: {reason}"
 
 
 def configure_storage(settings: Settings) -> dict[str, dict[str, Any]]:

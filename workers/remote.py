@@ -213,6 +213,7 @@ def submit(
             raise RemoteError(
                 f"no Celery worker answers at {maybe_sanitize_url(settings.broker_url)}"
             )
+        notify("submitting", "", {})
         live = _Liveness(redis_client(settings.broker_url, settings))
         started = time.perf_counter()
         plan_id = str(uuid.uuid4())
@@ -357,11 +358,19 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
         )
     cutoff = _cutoff(args, settings)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(
-        f"submitting to {maybe_sanitize_url(settings.broker_url)} (cutoff {cutoff})", markup=False
-    )
     try:
         with _ProgressDisplay(console) as display:
+
+            def progress(event: str, cluster: str, detail: dict[str, Any]) -> None:
+                # Said once a worker answered: a broker error stays the only line on stderr.
+                if event == "submitting":
+                    console.print(
+                        f"submitting to {maybe_sanitize_url(settings.broker_url)} "
+                        f"(cutoff {cutoff})",
+                        markup=False,
+                    )
+                display.update(event, cluster, detail)
+
             run = submit(
                 settings,
                 cutoff,
@@ -369,7 +378,7 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
                 clusters=args.cluster,
                 checkpoints=args.checkpoints,
                 archive=args.archive if settings.mode == "archive" else None,
-                progress=display.update,
+                progress=progress,
             )
     except RunLost as exc:
         console.print(f"error: {exc}", markup=False)
