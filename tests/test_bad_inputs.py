@@ -77,6 +77,21 @@ CATALOGUE: dict[str, Case] = {
     "archive-no-checkpoints": Case(
         ["archive", "--checkpoints", "{tmp}/none", "--archive", "{tmp}/a", "--cutoff", CUTOFF]
     ),
+    "archive-unknown-cluster": Case(
+        [
+            "archive",
+            "--checkpoints",
+            "{cp}",
+            "--archive",
+            "{tmp}/a",
+            "--cutoff",
+            CUTOFF,
+            "--cluster",
+            "fritz",
+            "--cluster",
+            "fritzz",
+        ]
+    ),
     # generate
     "generate-no-hosts": Case(["generate", "--root", "{tmp}/g", "--hosts", "0"]),
     # status
@@ -205,3 +220,15 @@ def test_reader_gone_is_quiet(fmt: str, archived: Path) -> None:
     assert head[1].startswith(b'"fritz"' if fmt == "csv" else b"fritz")
     assert err == ""
     assert code == EXIT_PIPE
+
+
+def test_unknown_cluster_names_it_and_does_nothing(tree: Path) -> None:
+    """`--cluster fritzz` (a typo) next to a real one: exit 2 naming only the missing one
+    and the clusters that are there; nothing archived, nothing deleted."""
+    before = sorted(p for p in (tree / "cp").rglob("*") if p.is_file())
+    argv = ["archive", "--checkpoints", str(tree / "cp"), "--archive", str(tree / "typo")]
+    argv += ["--cutoff", CUTOFF, "--cluster", "fritz", "--cluster", "fritzz"]
+    line = assert_one_line(run([sys.executable, "-m", "workers.cli", *argv], {}), 2)
+    assert "'fritzz'" in line and "'fritz'" not in line and "(clusters there: fritz)" in line
+    assert sorted(p for p in (tree / "cp").rglob("*") if p.is_file()) == before
+    assert not (tree / "typo" / "fritz").exists()

@@ -145,6 +145,30 @@ def _check_bucket(url: str, option: str) -> None:
         )
 
 
+def missing_clusters(
+    asked: Sequence[str] | None, found: Sequence[str], where: str, listed: bool = True
+) -> str | None:
+    """The usage error for `--cluster` names not among `found`, or None if all are there;
+    `listed`: `found` is every cluster there, worth naming."""
+    missing = sorted(set(asked or ()) - set(found))
+    if not missing:
+        return None
+    names = ", ".join(repr(m) for m in missing)
+    there = f" (clusters there: {', '.join(sorted(found)) or 'none'})" if listed else ""
+    return f"no cluster {names} {where}{there}"
+
+
+def _check_clusters(checkpoints: str, asked: Sequence[str] | None) -> None:
+    """A `--cluster` typo must not be a quiet no-op of a timer that never archives."""
+    if not asked:
+        return
+    with os.scandir(checkpoints) as entries:
+        found = [e.name for e in entries if e.is_dir()]
+    problem = missing_clusters(asked, found, f"under {checkpoints}")
+    if problem:
+        raise UsageError(problem)
+
+
 def _cutoff(args: argparse.Namespace, settings: Settings) -> int:
     if args.cutoff is not None:
         return int(args.cutoff)
@@ -193,6 +217,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if settings.staging:
         _check_bucket(settings.staging, "--staging")
     cutoff = _cutoff(args, settings)
+    _check_clusters(settings.checkpoints, args.cluster)
     _serve_metrics(settings)  # Prometheus endpoint and textfile, when configured
 
     from . import runner  # deferred: `ccarchive --help` stays instant

@@ -349,7 +349,16 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
     """`ccarchive archive` on the Celery cluster: same summary and exit codes as embedded."""
     from rich.console import Console
 
-    from .cli import EXIT_OK, EXIT_REPORTED, UsageError, _cutoff, _print_summary, _ProgressDisplay
+    from .cli import (
+        EXIT_OK,
+        EXIT_REPORTED,
+        EXIT_USAGE,
+        UsageError,
+        _cutoff,
+        _print_summary,
+        _ProgressDisplay,
+        missing_clusters,
+    )
 
     if args.staging is not None or args.workers is not None:
         raise UsageError(
@@ -385,9 +394,17 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_REPORTED
     except RemoteError as exc:
         raise UsageError(str(exc)) from None
+    missing = missing_clusters(
+        args.cluster, [r.cluster for r in run.reports], "on the workers", listed=False
+    )
+    if missing and not run.reports:
+        raise UsageError(missing)  # nothing was done: the usual one line
     _print_summary(run.reports, settings.mode)
     for e in run.errors:
         console.print(f"error: {e}", markup=False)
+    if missing:  # the clusters that exist were archived; the typo is still a usage error
+        console.print(f"ccarchive: error: {missing}", markup=False)
+        return EXIT_USAGE
     ok = not run.errors and all(r.ok for r in run.reports)
     return EXIT_OK if ok else EXIT_REPORTED
 
