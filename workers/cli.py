@@ -71,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     archive.add_argument(
         "--mode", choices=("archive", "delete"), help="delete: remove without archiving"
     )
-    archive.add_argument("--workers", type=int, metavar="N", help="cores to use (default: all)")
+    archive.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes (default: cores/2+1, at most 10, like cc-backend)",
+    )
     archive.add_argument(
         "--staging", metavar="DIR|URL", help="staging for Arrow chunks (default: a temp dir)"
     )

@@ -51,6 +51,11 @@ def _state_dir() -> Path:
     return Path(base) / "ccarchive"
 
 
+def default_workers() -> int:
+    """cc-backend's default (`min(NumCPU/2+1, 10)`): the node is shared with the metric store."""
+    return min((os.cpu_count() or 1) // 2 + 1, 10)
+
+
 def parse_duration(text: str) -> float:
     """Seconds in a Go duration string such as `48h`, `1h30m` or `90s`; ValueError if invalid."""
     s = text.strip()
@@ -126,7 +131,7 @@ class Settings(BaseSettings):
     mode: Literal["archive", "delete"] = "archive"
     retention: str | None = None  # Go duration, e.g. "48h"
     interval: str | None = None  # beat interval; defaults to the retention
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    workers: int = Field(default_factory=lambda: default_workers(), ge=1)
 
     # redis:// or rediss:// (TLS); a password goes in the URL: redis://:PASSWORD@host:6379/0.
     # Log lines, `repr(settings)` and task messages only ever show it masked (`mask_url`).

@@ -15,6 +15,7 @@ this process.
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
 import shutil
@@ -35,6 +36,8 @@ from . import metrics, ops, recovery, steps, storage
 from .locks import DirectoryLock, LockBusy
 from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest
 from .sink import ArchiveInfo, ParquetOptions
+
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -227,11 +230,17 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
     plans = [p for p in plans if states[p.cluster].lock is not None]
     if options.staging and options.mode == "archive":
         recovery.sweep_staging(options.staging, run_id, options.grace_seconds)
+    # No host with a file to load or delete: no pool (spawning 16 processes for nothing
+    # costs seconds and CPU-seconds); the empty steps run inline.
+    busy = _hosts_with_files(plans, states, options)
+    if busy == 0:
+        log.info("nothing selected at cutoff %d: no process pool started", options.cutoff)
     # A thread per cluster writes its archive while its hosts load (see the module's doc).
-    streaming = options.workers > 1 and options.mode == "archive"
+    streaming = options.workers > 1 and options.mode == "archive" and busy > 0
     finalizers: list[threading.Thread] = []
     try:
-        with _executor(options, streaming) as pool:
+        with _executor(options, streaming) if busy else _InlineExecutor() as pool:
+            last_run.pool = not isinstance(pool, _InlineExecutor)
             pending: dict[Future[Any], tuple[str, str, str]] = {}
 
             def submit(
@@ -339,6 +348,36 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
         if own_staging and staging_url:
             shutil.rmtree(staging_url, ignore_errors=True)
     return [state.report for state in states.values()]
+
+
+@dataclass
+class RunFacts:
+    """What the last `run` in this process did beyond its reports (tests, debugging)."""
+
+    pool: bool = False  # a process pool was created (no: everything ran in this process)
+
+
+last_run = RunFacts()
+
+
+def _hosts_with_files(
+    plans: list[steps.ClusterPlan], states: dict[str, _ClusterState], options: RunOptions
+) -> int:
+    """How many hosts have a checkpoint file (or a bad name) at or before the cutoff."""
+    busy = 0
+    root = Path(options.checkpoints)
+    for plan in plans:
+        exclude = states[plan.cluster].exclude
+        for host in plan.hosts:
+            try:
+                found = steps.select_files(
+                    root / plan.cluster / host, options.cutoff, exclude.get(host, [])
+                )
+            except OSError:  # unreadable: the load step reports it, in the pool as usual
+                busy += 1
+                continue
+            busy += bool(found.files or found.bad)
+    return busy
 
 
 def _prepare(plan: steps.ClusterPlan, report: ClusterReport, options: RunOptions) -> _ClusterState:
