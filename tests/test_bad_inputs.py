@@ -232,3 +232,44 @@ def test_unknown_cluster_names_it_and_does_nothing(tree: Path) -> None:
     assert "'fritzz'" in line and "'fritz'" not in line and "(clusters there: fritz)" in line
     assert sorted(p for p in (tree / "cp").rglob("*") if p.is_file()) == before
     assert not (tree / "typo" / "fritz").exists()
+
+
+# --- silent no-ops ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retention", [None, "48h"])
+def test_beat_without_retention_warns_at_start_and_every_tick(
+    tmp_path: Path, retention: str | None
+) -> None:
+    """A real `celery beat` for a few seconds (ticking every second, its broker a closed
+    loopback port: with nothing scheduled it never connects): without a retention it warns
+    at start and at every tick; with one, never."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
+    env.update(PYTHONPATH=str(ROOT), CCARCHIVE_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
+    if retention:
+        env["CCARCHIVE_RETENTION"] = retention
+    log = tmp_path / "beat.log"
+    argv = [CELERY, "-A", "workers", "beat", "-l", "info", "--max-interval", "1"]
+    argv += ["-s", str(tmp_path / "s")]
+    with log.open("wb") as out:
+        beat = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and "beat: Starting" not in log.read_text():
+                time.sleep(0.2)
+            time.sleep(4)  # about four ticks
+        finally:
+            beat.send_signal(signal.SIGTERM)
+            beat.wait(timeout=30)
+    text = log.read_text()
+    assert "beat: Starting" in text, text
+    warnings = [ln for ln in text.splitlines() if "no retention configured" in ln]
+    if retention is None:
+        # one at start, then one per tick
+        assert len(warnings) >= 3, text
+        assert all("WARNING" in w and "CCARCHIVE_RETENTION" in w for w in warnings)
+    else:
+        assert warnings == [], text

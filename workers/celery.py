@@ -14,6 +14,8 @@ from typing import Any
 
 from celery import Celery
 from celery.backends.redis import RedisBackend
+from celery.beat import PersistentScheduler
+from celery.beat import logger as beat_log
 from celery.signals import worker_init, worker_process_init
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -168,6 +170,30 @@ class RedisResults(RedisBackend):
         )
 
 
+class ArchiveScheduler(PersistentScheduler):
+    """Celery's default scheduler, loud when it has nothing to schedule.
+
+    Beat without a retention would otherwise log its banner and never fire: a warning at
+    start (`setup_schedule`) and at every tick, naming the setting to give.
+    """
+
+    def setup_schedule(self) -> None:
+        """Celery's set-up, then the warning if no run is scheduled."""
+        super().setup_schedule()
+        self._warn_if_idle()
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """One beat tick; warns again while no run is scheduled."""
+        self._warn_if_idle()
+        return float(super().tick(*args, **kwargs))
+
+    def _warn_if_idle(self) -> None:
+        from beat.schedule import ENTRY, IDLE_WARNING
+
+        if ENTRY not in self.app.conf.beat_schedule:
+            beat_log.warning("ccarchive beat: %s", IDLE_WARNING)
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     """A configured Celery app with the archiver's tasks and beat schedule."""
     from beat.schedule import beat_schedule  # deferred: beat/ imports workers.config
@@ -178,6 +204,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     if settings.results_url.startswith(("redis://", "rediss://")):
         celery_app.backend_cls = RedisResults  # the URL stays in `result_backend`
     celery_app.conf.beat_schedule = beat_schedule(settings)
+    celery_app.conf.beat_scheduler = "workers.celery:ArchiveScheduler"
     return celery_app
 
 
