@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -98,7 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=("json", "bin", "mixed"), default="json")
     gen.add_argument("--samples", type=int, default=720, help="values per series per file")
     gen.add_argument("--gpus", type=int, default=0, help="accelerators per host")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="values, and the default start: seed %% 1000 minutes earlier (other file names)",
+    )
     gen.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N")
     _add_ops_parsers(sub)
     return parser
@@ -289,22 +295,30 @@ class _ProgressDisplay:
 
 
 def _print_summary(reports: Sequence[ClusterReport], mode: str) -> None:
+    """The table per cluster, then each cluster's archive path on a line of its own.
+
+    Readable at 80 columns: short headers, numbers never cut, and the long values (bytes
+    written, the archive path) on a line per cluster that a terminal wraps, never truncates.
+    """
+    from .ops import iso
+
     out = Console(highlight=False)
     if not out.is_terminal:
         out = Console(highlight=False, width=200)  # logs and pipes: never truncate columns
-    table = Table(title=f"ccarchive {mode}: cutoff {reports[0].cutoff}" if reports else None)
-    for name in (
-        "cluster",
-        "hosts",
-        "files archived",
-        "files deleted",
-        "kept (bad)",
-        "rows",
-        "bytes written",
-        "seconds",
-        "archive",
-    ):
-        table.add_column(name, justify="left" if name in ("cluster", "archive") else "right")
+    if not reports:
+        out.print("no clusters found")
+        return
+    cutoff = reports[0].cutoff
+    table = Table(
+        title=f"ccarchive {mode}: cutoff {cutoff} ({iso(cutoff)})",
+        box=box.MINIMAL_HEAVY_HEAD,
+        pad_edge=False,
+    )
+    for name in ("cluster", "hosts", "archived", "deleted", "kept", "rows", "secs"):
+        if name == "cluster":
+            table.add_column(name, overflow="fold", min_width=12)  # long names wrap, never cut
+        else:  # "fold": on a very narrow terminal a number wraps, it is never cut to "…"
+            table.add_column(name, justify="right", overflow="fold")
     for r in reports:
         archived = str(r.files_archived) if mode == "archive" else "-"
         table.add_row(
@@ -314,14 +328,15 @@ def _print_summary(reports: Sequence[ClusterReport], mode: str) -> None:
             str(r.files_deleted),
             str(len(r.bad)),
             f"{r.rows:,}",
-            f"{r.bytes_written:,}",
             f"{r.seconds:.1f}",
-            r.archive or "-",
         )
-    if not reports:
-        out.print("no clusters found")
-        return
     out.print(table)
+    for r in reports:  # the long values, each cluster on a line of its own
+        where = f" in {r.archive}" if r.archive else ""
+        # soft_wrap: the terminal wraps a long path; it stays one line to copy and paste
+        out.print(
+            f"{r.cluster}: {r.bytes_written:,} bytes written{where}", markup=False, soft_wrap=True
+        )
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     for r in reports:
         for bad in r.bad:
@@ -485,12 +500,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         out.print("last runs: unknown (run records are off: set CCARCHIVE_RUN_LOG)")
     if not result.clusters:
         out.print(f"no clusters under {archive or settings.run_log}")
+    if not archive:  # only run records: say what was read, not "0 archive(s)"
+        out.print(
+            f"run records in {settings.run_log} only; archives not read (give --archive)",
+            markup=False,
+        )
     for c in result.clusters:
         out.print()
-        out.print(
-            f"[bold]{c.cluster}[/bold]: {len(c.archives)} archive(s), {c.rows:,} rows, "
-            f"{c.bytes:,} bytes"
-        )
+        if archive:
+            out.print(
+                f"[bold]{c.cluster}[/bold]: {len(c.archives)} archive(s), {c.rows:,} rows, "
+                f"{c.bytes:,} bytes"
+            )
+        else:
+            out.print(f"[bold]{c.cluster}[/bold]: {c.runs} run record(s)")
         if c.archives:
             table = Table(box=None, pad_edge=False)
             for name in ("cutoff", "cutoff (UTC)", "hosts", "rows", "bytes", "source files"):
@@ -645,7 +668,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         )
     limit = args.limit if args.limit is not None or args.format != "table" else 100
     if args.format == "table":
-        return _query_table(plan, limit)
+        return _query_table(plan, limit, explicit=args.limit is not None)
     from .rows import ARCHIVE_SCHEMA
 
     schema = plan.dataset.schema if plan.dataset is not None else ARCHIVE_SCHEMA
@@ -690,7 +713,7 @@ def _write_rows(plan: Any, schema: Any, sink: Any, fmt: str, limit: int | None) 
     return rows
 
 
-def _query_table(plan: Any, limit: int | None) -> int:
+def _query_table(plan: Any, limit: int | None, explicit: bool = False) -> int:
     from . import ops
 
     out = _out()
@@ -715,8 +738,10 @@ def _query_table(plan: Any, limit: int | None) -> int:
         raise BrokenPipeError  # `| head`: no note about rows nobody reads
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     note = f"{shown:,} rows; read {plan.row_groups_selected} of {plan.row_groups_total} row groups"
-    if more:
-        note += "; more rows not shown (use --limit N, or --format csv)"
+    if more and explicit:  # the operator asked for this many: no advice to ask for it
+        note += f"; more rows match (--limit {limit})"
+    elif more:
+        note += f"; more rows match, not shown (the table stops at {limit}: use --limit N or --format csv)"
     if more or err.is_terminal:  # a pipe gets the rows only, unless some were left out
         err.print(note, markup=False)
     return EXIT_OK
