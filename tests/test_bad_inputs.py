@@ -273,3 +273,36 @@ def test_beat_without_retention_warns_at_start_and_every_tick(
         assert all("WARNING" in w and "CCARCHIVE_RETENTION" in w for w in warnings)
     else:
         assert warnings == [], text
+
+
+# --- --help ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", *subcommands()])
+def test_help_describes_every_option_with_example_and_exit_codes(name: str) -> None:
+    """Every option has a one-line description; every --help ends with an example and
+    the exit codes."""
+    parser = _parser()
+    if name:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    for act in parser._actions:
+        if isinstance(act, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        assert act.help and "\n" not in act.help, (name, act.option_strings or act.dest)
+    text = parser.format_help()
+    assert "Example:\n  ccarchive " in text
+    assert all(f"\n  {code} " in text for code in ("0", "1", "2", "130"))
+
+
+def test_verbose_and_log_level_flags(tmp_path: Path) -> None:
+    """-v logs INFO lines that are not shown by default; --log-level beats -v."""
+    cp = tmp_path / "cp"
+    (cp / "fritz" / "h1").mkdir(parents=True)
+    base = [sys.executable, "-m", "workers.cli", "archive", "--checkpoints", str(cp)]
+    base += ["--archive", str(tmp_path / "a"), "--cutoff", "5"]
+    quiet, verbose = run(base, {}), run([*base, "-v"], {})
+    error_only = run([*base, "-v", "--log-level", "error"], {})
+    assert quiet.returncode == verbose.returncode == error_only.returncode == 0
+    assert " INFO " not in quiet.stderr and " INFO " not in error_only.stderr
+    assert " INFO workers.runner" in verbose.stderr

@@ -92,11 +92,18 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", help="write a synthetic checkpoint tree (demo, tests, benchmarks)"
     )
-    gen.add_argument("--root", required=True, metavar="DIR")
+    gen.add_argument("--root", required=True, metavar="DIR", help="where the tree is written")
     gen.add_argument("--clusters", default="fritz", help="comma-separated cluster names")
     gen.add_argument("--hosts", type=int, default=4, metavar="N", help="hosts per cluster")
-    gen.add_argument("--files-per-host", type=int, default=1, metavar="K")
-    gen.add_argument("--format", choices=("json", "bin", "mixed"), default="json")
+    gen.add_argument(
+        "--files-per-host", type=int, default=1, metavar="K", help="checkpoint files per host"
+    )
+    gen.add_argument(
+        "--format",
+        choices=("json", "bin", "mixed"),
+        default="json",
+        help="file format (mixed: alternate by host and file)",
+    )
     gen.add_argument("--samples", type=int, default=720, help="values per series per file")
     gen.add_argument("--gpus", type=int, default=0, help="accelerators per host")
     gen.add_argument(
@@ -105,15 +112,58 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="values, and the default start: seed %% 1000 minutes earlier (other file names)",
     )
-    gen.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N")
+    gen.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="processes writing hosts (default: all cores)",
+    )
     _add_ops_parsers(sub)
+    parser.epilog = f"Example:\n  {EXAMPLES['archive']}\n\n{EXIT_CODES}"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for name, command in sub.choices.items():
+        command.epilog = f"Example:\n  {EXAMPLES[name]}\n\n{EXIT_CODES}"
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+EXAMPLES = {
+    "archive": "ccarchive archive --checkpoints /var/lib/cc-metric-store/checkpoints \\\n"
+    "      --archive /srv/metric-archive --retention 48h",
+    "generate": "ccarchive generate --root /tmp/cp --clusters fritz,alex --hosts 8",
+    "status": "ccarchive status --archive /srv/metric-archive --checkpoints /var/lib/cc/cp",
+    "inspect": "ccarchive inspect /srv/metric-archive/fritz/1742292902.parquet",
+    "query": "ccarchive query --archive /srv/metric-archive --host f0101 --metric cpu_load "
+    "--from 2026-03-01",
+}
+
+EXIT_CODES = """Exit codes:
+  0    done: everything selected was archived (status: nothing needs a look)
+  1    something was reported and kept (see the kept:/error: lines); the rest was done
+  2    usage or configuration error: one line on stderr, nothing done
+  130  interrupted; 141: the reader of stdout went away (... | head)
+Docs: README.md, docs/operations.md"""
+
+
+#: Flags every command shares (-v, --log-level), set by `main` for `_settings`.
+_COMMON_FLAGS: dict[str, Any] = {}
+
+
+def _log_level_flag(args: argparse.Namespace) -> str | None:
+    """--log-level, else -v (INFO) / -vv (DEBUG), else None (settings decide)."""
+    if getattr(args, "log_level", None):
+        return str(args.log_level)
+    verbose = getattr(args, "verbose", 0) or 0
+    return None if verbose == 0 else ("INFO" if verbose == 1 else "DEBUG")
 
 
 def _settings(overrides: dict[str, Any]) -> Settings:
     """Settings with these flags on top (None: not given); then logging as they say."""
     try:
-        settings = load_settings(overrides)  # flags > env > TOML > cc-backend > defaults
+        settings = load_settings(
+            {**_COMMON_FLAGS, **overrides}
+        )  # flags > env > TOML > cc-backend > defaults
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     setup_logging(settings.log_level)
@@ -386,6 +436,19 @@ def _serve_metrics(settings: Settings) -> None:
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more: -v info, -vv debug (default: warnings; CCARCHIVE_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help="log level (overrides -v and CCARCHIVE_LOG_LEVEL)",
+    )
     parser.add_argument("--config", metavar="FILE", help="TOML config file (also CCARCHIVE_CONFIG)")
     parser.add_argument(
         "--cc-backend-config",
@@ -416,14 +479,25 @@ def _add_ops_parsers(sub: Any) -> None:
 
     query = sub.add_parser("query", help="read archived values back (filters push down)")
     query.add_argument("--archive", metavar="DIR|URL", help="the archive root")
-    query.add_argument("--cluster", action="append", metavar="NAME", help="repeatable")
-    query.add_argument("--host", action="append", metavar="NAME", help="repeatable")
-    query.add_argument("--metric", action="append", metavar="NAME", help="repeatable")
+    query.add_argument(
+        "--cluster", action="append", metavar="NAME", help="only this cluster (repeatable)"
+    )
+    query.add_argument(
+        "--host", action="append", metavar="NAME", help="only this host (repeatable)"
+    )
+    query.add_argument(
+        "--metric", action="append", metavar="NAME", help="only this metric (repeatable)"
+    )
     query.add_argument(
         "--from", dest="start", metavar="TIME", help="timestamp >= TIME (Unix or ISO 8601, UTC)"
     )
     query.add_argument("--to", dest="end", metavar="TIME", help="timestamp < TIME")
-    query.add_argument("--format", choices=("table", "csv", "parquet"), default="table")
+    query.add_argument(
+        "--format",
+        choices=("table", "csv", "parquet"),
+        default="table",
+        help="table on a terminal; csv or parquet for other programs",
+    )
     query.add_argument("--output", "-o", metavar="FILE|URL", help="default: standard output")
     query.add_argument("--limit", type=int, metavar="N", help="at most N rows (table default: 100)")
     _add_config_options(query)
@@ -761,6 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # rich exits 1 itself on a broken pipe, our "something was reported": let main decide.
     Console.on_broken_pipe = _reraise_broken_pipe  # type: ignore[method-assign,assignment]
+    _COMMON_FLAGS["log_level"] = _log_level_flag(args)
     try:
         code = COMMANDS[args.command](args)
         sys.stdout.flush()
