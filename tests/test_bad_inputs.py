@@ -109,6 +109,7 @@ CATALOGUE: dict[str, Case] = {
     "worker-bad-retention": Case(["worker", "--pool", "solo"], env=BAD_RETENTION, celery=True),
     "worker-bad-routes": Case(["worker", "--pool", "solo"], env=BAD_ROUTES, celery=True),
     "beat-bad-retention": Case(["beat"], env=BAD_RETENTION, celery=True),
+    "flower-bad-retention": Case(["flower", "--port=0"], env=BAD_RETENTION, celery=True),
     "beat-bad-broker": Case(
         ["beat"], env={"CCARCHIVE_BROKER_URL": "http://127.0.0.1:1"}, celery=True
     ),
