@@ -8,11 +8,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-# Metadata first: the dependency layer is rebuilt only when pyproject.toml changes.
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when
+# pyproject.toml changes, not with every change to the code copied after it.
+COPY pyproject.toml ./
+RUN python -c "import subprocess, sys, tomllib; \
+p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+subprocess.check_call([sys.executable, '-m', 'pip', 'install', \
+    *p['dependencies'], *p['optional-dependencies']['flower']])"
+# Then the code; installing it needs nothing new (--no-deps).
+COPY README.md ./
 COPY workers ./workers
 COPY beat ./beat
-RUN pip install ".[flower]"
+RUN pip install --no-deps .
 
 # Mount points. Staging and beat state are named volumes in docker-compose.yml; a fresh
 # named volume copies these modes, so any CCARCHIVE_UID can write there.

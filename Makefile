@@ -2,18 +2,27 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# One stamp per level: the runtime (`make demo`) and the test toolchain on top of it (`make
+# test`). Each re-installs only when the project's metadata changed; otherwise a no-op. So
+# `make demo` never pulls in pytest, moto, ruff and mypy, and `make test` after it adds them.
+RUNTIME := $(VENV)/.installed-runtime
+TESTING := $(VENV)/.installed-test
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup setup-test demo test lint bench clean
 
-setup: $(STAMP)
+setup: $(RUNTIME)
 
-# Re-installs only when the project's metadata changed; otherwise a no-op.
-$(STAMP): pyproject.toml
+setup-test: $(TESTING)
+
+$(RUNTIME): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $(RUNTIME)
+
+$(TESTING): $(RUNTIME)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	@touch $(STAMP)
+	@touch $(TESTING)
 
 redis:
 	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
@@ -21,18 +30,18 @@ redis:
 demo: setup
 	$(BIN)/python -m workers.demo
 
-test: setup redis
+test: setup-test redis
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy workers beat
 	$(BIN)/python -m pytest tests
 
-lint: setup
+lint: setup-test
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 	$(BIN)/mypy workers beat
 
-bench: setup
+bench: setup-test
 	$(BIN)/python -m bench.run
 
 clean:

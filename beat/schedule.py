@@ -20,6 +20,18 @@ ENTRY = "ccarchive-run"
 PLAN_TASK = "ccarchive.plan"
 
 
+#: What beat says at start and at every tick while no run is scheduled.
+IDLE_WARNING = (
+    "no retention configured (set CCARCHIVE_RETENTION, e.g. 48h, or retention in the "
+    "TOML file): beat schedules no archive run"
+)
+
+
+def idle_reason(settings: Settings) -> str | None:
+    """Why beat would never fire with these settings, or None if it schedules a run."""
+    return None if settings.retention else IDLE_WARNING
+
+
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """The schedule for these settings; empty (beat idles) when no retention is configured."""
     if not settings.retention:
@@ -40,4 +52,4 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
-__all__ = ["ENTRY", "PLAN_TASK", "beat_schedule"]
+__all__ = ["ENTRY", "IDLE_WARNING", "PLAN_TASK", "beat_schedule", "idle_reason"]

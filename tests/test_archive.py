@@ -500,3 +500,56 @@ def test_console_script_runs_and_summarises(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "c1" in proc.stdout and str(archive / "c1" / "100.parquet") in proc.stdout
+
+
+def test_summary_readable_at_80_columns(tmp_path: Path) -> None:
+    """On an 80-column terminal (a real pty): the table fits, the row counts are whole, the
+    archive path is printed in full on a line of its own, the cutoff also in UTC."""
+    import pty
+    import re
+
+    from workers.generate import generate_tree
+
+    cp = tmp_path / "cp"
+    generate_tree(
+        cp,
+        ["fritz", "a-rather-long-cluster-name"],
+        hosts=2,
+        files_per_host=1,
+        fmt="json",
+        samples=60,
+        gpus=0,
+        seed=0,
+        workers=1,
+    )
+    archive = tmp_path / "a-long-directory-name" / "that-keeps-going" / "and-going-on"
+    primary, replica = pty.openpty()
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "COLUMNS": "80", "LINES": "40", "PYTHONPATH": str(root)}
+    argv = [sys.executable, "-m", "workers.cli", "archive", "--checkpoints", str(cp)]
+    argv += ["--archive", str(archive), "--cutoff", "2000000000", "--workers", "1"]
+    proc = subprocess.Popen(argv, stdout=replica, stderr=subprocess.PIPE, env=env)
+    os.close(replica)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(primary)
+    assert proc.wait(timeout=60) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode()).replace("\r", "")
+    lines = text.splitlines()
+    assert "cutoff 2000000000 (2033-05-18T03:33:20Z)" in text
+    for cluster in ("fritz", "a-rather-long-cluster-name"):
+        path = str(archive / cluster / "2000000000.parquet")
+        [line] = [ln for ln in lines if ln.startswith(f"{cluster}: ")]
+        assert line.endswith(f" in {path}"), line  # whole, on one (soft-wrapped) line
+        rows = pq.ParquetFile(path).metadata.num_rows
+        assert f" {rows:,} " in text  # the row count whole, never cut to "…"
+    table = [ln for ln in lines if "│" in ln]
+    assert table and all(len(ln) <= 80 for ln in table), table
+    assert "…" not in text

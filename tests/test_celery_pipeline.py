@@ -461,7 +461,7 @@ def test_cli_failing_host_is_reported_and_kept_with_exit_1(celery_cluster: Clust
     assert f"kept: {c.checkpoints / 'jupiter' / 'broken1'}:" in done.stderr
     line = next(ln for ln in done.stdout.splitlines() if "jupiter" in ln)
     # cluster, hosts, files archived, files deleted, kept (bad)
-    assert [cell.strip() for cell in line.split("│")][1:6] == ["jupiter", "2", "2", "2", "1"]
+    assert [cell.strip() for cell in line.split("│")][:5] == ["jupiter", "2", "2", "2", "1"]
     assert archive_rows(only_parquet(c.archive, "jupiter")) == expected
     assert not any(p.exists() for p in good) and all(p.exists() for p in bad)
 
@@ -616,3 +616,17 @@ def test_an_existing_archive_with_other_content_fails_finalize_and_keeps_files(
     assert all(p.exists() for p in files)
     assert c.redis.client(DB).keys("ccarchive:lock:*") == []
     assert list(c.staging.iterdir()) == []
+
+
+@pytest.mark.timeout(90)
+def test_cli_broker_unknown_cluster_is_usage_error(celery_cluster: Cluster) -> None:
+    """`--cluster` naming a cluster no worker has: exit 2 and one line naming it, not a
+    quiet "no clusters found" (a timer with that typo would never archive)."""
+    done = celery_cluster.cli("--cutoff", str(NOW - 3600), "--cluster", "no-such-cluster")
+
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    # "submitting to ..." (a worker answered), then the one error line
+    *_, last = done.stderr.splitlines()
+    assert last == "ccarchive: error: no cluster 'no-such-cluster' on the workers", last
+    assert "no clusters found" not in done.stdout

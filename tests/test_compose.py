@@ -186,3 +186,32 @@ def test_app_services_start_as_local_processes(
     storage_log = started["worker-storage-a"].output()
     assert "ccarchive.load_host" in storage_log and "fritz" in storage_log
     assert os.listdir(mounts["/data/staging"]) == []
+
+
+def test_dockerfile_installs_dependencies_before_copying_the_code(tmp_path: Path) -> None:
+    """The cached dependency layer the Dockerfile promises: the only file copied before
+    the dependency install is pyproject.toml, and its one-line installer (as Docker joins
+    the continued lines) names exactly the project's dependencies plus Flower."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", "")
+    steps = [ln for ln in text.splitlines() if re.match(r"(COPY|RUN) ", ln)]
+    deps_run = next(i for i, ln in enumerate(steps) if "tomllib" in ln)
+    assert [ln for ln in steps[:deps_run] if ln.startswith("COPY")] == ["COPY pyproject.toml ./"]
+    assert any(ln.startswith("COPY workers") for ln in steps[deps_run:])
+    assert "RUN pip install --no-deps ." in steps[deps_run:]
+    found = re.search(r'RUN python -c "(.*)"$', steps[deps_run])
+    assert found is not None, steps[deps_run]
+    code = found.group(1)
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    # The same code with pip replaced by printing its arguments.
+    probe = code.replace("subprocess.check_call(", "print(")
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["flower"]]
+    assert out.strip().endswith(repr(wanted)[1:]), out

@@ -497,3 +497,14 @@ def test_generate_tree_rejects_bad_arguments(tmp_path: Path, kwargs: dict) -> No
     args = {"clusters": ["ok"], "hosts": 1, "samples": 5, "start": 0} | kwargs
     with pytest.raises(ValueError):
         generate_tree(tmp_path, **args)
+
+
+def test_seed_moves_the_default_timestamps(tmp_path: Path) -> None:
+    """Another seed, other file names: regenerating a tree with a new seed never produces
+    same-named files with other content (which recovery would report as changed)."""
+    a = generate_tree(tmp_path / "a", ["c"], 1, files_per_host=2, samples=30, seed=0)
+    b = generate_tree(tmp_path / "b", ["c"], 1, files_per_host=2, samples=30, seed=7)
+    names_a = {p.name for p in (tmp_path / "a" / "c" / "c0001").iterdir()}
+    names_b = {p.name for p in (tmp_path / "b" / "c" / "c0001").iterdir()}
+    assert a.first_ts - b.first_ts == 7 * 60
+    assert names_a.isdisjoint(names_b) and len(names_b) == 2

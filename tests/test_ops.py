@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -230,6 +231,13 @@ def test_status_text_and_unconfigured_checkpoints(
     assert "pending recoveries: 1 archived file(s) to delete, 1 changed since archived" in out
     assert "delete: fritz/h1/2000.json" in out and "keep: fritz/h2/1000.json" in out
 
+    # Only the run log: it says what it read, not "0 archive(s)".
+    code, out, _ = run(capsys, "status", "--run-log", str(archived.run_log))
+    assert f"run records in {archived.run_log} only; archives not read" in out
+    assert "archive(s)" not in out
+    assert re.search(r"^fritz: [1-9]\d* run record\(s\)$", out, re.M), out
+    assert "last run: " in out and " reported (archive, cutoff 2500" in out
+
 
 def test_status_is_clean_after_a_clean_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -439,7 +447,9 @@ def test_query_csv_and_table(archived: Archived, capsys: pytest.CaptureFixture[s
     lines = out.strip().splitlines()
     assert lines[0].split()[:3] == ["cluster", "hostname", "metric"]
     assert len(lines) == 3 and "1970-01-01T00:16:40Z" in lines[1]
-    assert "more rows not shown" in err  # a pipe still learns that rows were left out
+    # a pipe still learns that rows were left out, without advice to ask for what it asked
+    assert "2 rows;" in err and "more rows match (--limit 2)" in err
+    assert "use --limit" not in err
 
 
 def test_query_usage_errors(archived: Archived, capsys: pytest.CaptureFixture[str]) -> None:

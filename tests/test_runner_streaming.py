@@ -187,3 +187,44 @@ def test_a_copy_of_archived_files_is_kept_not_archived_again(tmp_path: Path, wor
     assert all("changed after it was read" in b.reason for b in report.bad)
     assert (out.read_bytes(), out.stat().st_mtime_ns) == first
     assert snapshot(copy) == before
+
+
+@pytest.mark.parametrize("cutoff", [5, None])
+def test_nothing_to_load_starts_no_pool(tmp_path: Path, cutoff: int | None) -> None:
+    """16 workers and nothing older than the cutoff (or an empty tree): no process is
+    started (counted from /proc through psutil while the run is under way), nothing
+    is written; with something to load, the pool is started as before."""
+    import psutil
+
+    cp = tmp_path / "cp"
+    if cutoff is None:
+        cp.mkdir()  # an empty tree
+    else:
+        write_host(cp, "fritz", "h1", 4, seed=1)
+        write_host(cp, "fritz", "h2", 4, seed=2)
+    me = psutil.Process()
+    # Earlier tests' pools leave multiprocessing's resource tracker behind: count new ones.
+    before = {p.pid for p in me.children(recursive=True)}
+    children: list[int] = []
+
+    def progress(event: str, cluster: str, detail: dict[str, Any]) -> None:
+        children.append(len({p.pid for p in me.children(recursive=True)} - before))
+
+    options = runner.RunOptions(
+        checkpoints=str(cp), cutoff=cutoff or 5, archive=str(tmp_path / "arc"), workers=16
+    )
+    reports = runner.run(options, progress)
+
+    assert runner.last_run.pool is False
+    assert all(n == 0 for n in children), children
+    assert all(r.ok and r.rows == 0 and r.files_archived == 0 for r in reports)
+    assert not list((tmp_path / "arc").rglob("*.parquet"))
+    if cutoff is not None:
+        assert children and [r.hosts for r in reports] == [2]
+        # The same tree with a cutoff after its files does start the pool.
+        runner.run(
+            runner.RunOptions(
+                checkpoints=str(cp), cutoff=2**40, archive=str(tmp_path / "arc"), workers=2
+            )
+        )
+        assert runner.last_run.pool is True

@@ -7,18 +7,21 @@ The CLI's `--broker` path builds its own app with `make_app` instead.
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
 from celery import Celery
 from celery.backends.redis import RedisBackend
+from celery.beat import PersistentScheduler
+from celery.beat import logger as beat_log
 from celery.signals import worker_init, worker_process_init
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import logs, metrics
-from .config import Settings, load_settings, parse_duration
+from .config import ConfigError, Settings, load_settings, parse_duration
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -167,6 +170,30 @@ class RedisResults(RedisBackend):
         )
 
 
+class ArchiveScheduler(PersistentScheduler):
+    """Celery's default scheduler, loud when it has nothing to schedule.
+
+    Beat without a retention would otherwise log its banner and never fire: a warning at
+    start (`setup_schedule`) and at every tick, naming the setting to give.
+    """
+
+    def setup_schedule(self) -> None:
+        """Celery's set-up, then the warning if no run is scheduled."""
+        super().setup_schedule()
+        self._warn_if_idle()
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """One beat tick; warns again while no run is scheduled."""
+        self._warn_if_idle()
+        return float(super().tick(*args, **kwargs))
+
+    def _warn_if_idle(self) -> None:
+        from beat.schedule import ENTRY, IDLE_WARNING
+
+        if ENTRY not in self.app.conf.beat_schedule:
+            beat_log.warning("ccarchive beat: %s", IDLE_WARNING)
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     """A configured Celery app with the archiver's tasks and beat schedule."""
     from beat.schedule import beat_schedule  # deferred: beat/ imports workers.config
@@ -177,11 +204,24 @@ def make_app(settings: Settings | None = None) -> Celery:
     if settings.results_url.startswith(("redis://", "rediss://")):
         celery_app.backend_cls = RedisResults  # the URL stays in `result_backend`
     celery_app.conf.beat_schedule = beat_schedule(settings)
+    celery_app.conf.beat_scheduler = "workers.celery:ArchiveScheduler"
     return celery_app
 
 
+def _app_or_exit() -> Celery:
+    """The app from the environment; an invalid setting is one line on stderr and exit 2.
+
+    Celery would otherwise print "Unable to load celery application" and a traceback.
+    """
+    try:
+        return make_app()
+    except ConfigError as exc:
+        print(f"ccarchive: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 #: The app every worker, beat and flower process uses (`celery -A workers ...`).
-app = make_app()
+app = _app_or_exit()
 
 # Prometheus metrics from the workers: counts each cluster's final report
 # (ccarchive.finish_cluster) and serves CCARCHIVE_METRICS_PORT when set.

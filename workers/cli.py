@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -24,6 +25,9 @@ from .logs import setup_logging
 from .manifest import ClusterReport
 
 EXIT_OK, EXIT_REPORTED, EXIT_USAGE = 0, 1, 2
+#: The reader of standard output went away (`ccarchive query ... | head`): 128 + SIGPIPE,
+#: what the shell reports for any filter stopped that way, and quietly, like them.
+EXIT_PIPE = 141
 
 
 class UsageError(Exception):
@@ -37,8 +41,16 @@ def _fail(message: str) -> NoReturn:
     sys.exit(EXIT_USAGE)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (README: one line on stderr, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `ccarchive <command>: error: ... (see --help)` and exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ccarchive",
         description="Archive ClusterCockpit metric-store checkpoints into one Parquet file per cluster.",
     )
@@ -62,7 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     archive.add_argument(
         "--mode", choices=("archive", "delete"), help="delete: remove without archiving"
     )
-    archive.add_argument("--workers", type=int, metavar="N", help="cores to use (default: all)")
+    archive.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes (default: cores/2+1, at most 10, like cc-backend)",
+    )
     archive.add_argument(
         "--staging", metavar="DIR|URL", help="staging for Arrow chunks (default: a temp dir)"
     )
@@ -77,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", help="write a synthetic checkpoint tree (demo, tests, benchmarks)"
     )
-    gen.add_argument("--root", required=True, metavar="DIR")
+    gen.add_argument("--root", required=True, metavar="DIR", help="where the tree is written")
     gen.add_argument("--clusters", default="fritz", help="comma-separated cluster names")
     gen.add_argument("--hosts", type=int, default=4, metavar="N", help="hosts per cluster")
     gen.add_argument(
@@ -88,21 +105,74 @@ def _parser() -> argparse.ArgumentParser:
         "significant digits, ~2%% nulls",
     )
     gen.add_argument("--files-per-host", type=int, metavar="K", help="default 1 (node), 4 (hourly)")
-    gen.add_argument("--format", choices=("json", "bin", "mixed"), default="json")
+    gen.add_argument(
+        "--format",
+        choices=("json", "bin", "mixed"),
+        default="json",
+        help="file format (mixed: alternate by host and file)",
+    )
     gen.add_argument(
         "--samples", type=int, help="values per series per file; default 720 (node), 60 (hourly)"
     )
     gen.add_argument("--gpus", type=int, default=0, help="accelerators per host")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N")
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="values, and the default start: seed %% 1000 minutes earlier (other file names)",
+    )
+    gen.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="processes writing hosts (default: all cores)",
+    )
     _add_ops_parsers(sub)
+    parser.epilog = f"Example:\n  {EXAMPLES['archive']}\n\n{EXIT_CODES}"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for name, command in sub.choices.items():
+        command.epilog = f"Example:\n  {EXAMPLES[name]}\n\n{EXIT_CODES}"
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+EXAMPLES = {
+    "archive": "ccarchive archive --checkpoints /var/lib/cc-metric-store/checkpoints \\\n"
+    "      --archive /srv/metric-archive --retention 48h",
+    "generate": "ccarchive generate --root /tmp/cp --clusters fritz,alex --hosts 8",
+    "status": "ccarchive status --archive /srv/metric-archive --checkpoints /var/lib/cc/cp",
+    "inspect": "ccarchive inspect /srv/metric-archive/fritz/1742292902.parquet",
+    "query": "ccarchive query --archive /srv/metric-archive --host f0101 --metric cpu_load "
+    "--from 2026-03-01",
+}
+
+EXIT_CODES = """Exit codes:
+  0    done: everything selected was archived (status: nothing needs a look)
+  1    something was reported and kept (see the kept:/error: lines); the rest was done
+  2    usage or configuration error: one line on stderr, nothing done
+  130  interrupted; 141: the reader of stdout went away (... | head)
+Docs: README.md, docs/operations.md"""
+
+
+#: Flags every command shares (-v, --log-level), set by `main` for `_settings`.
+_COMMON_FLAGS: dict[str, Any] = {}
+
+
+def _log_level_flag(args: argparse.Namespace) -> str | None:
+    """--log-level, else -v (INFO) / -vv (DEBUG), else None (settings decide)."""
+    if getattr(args, "log_level", None):
+        return str(args.log_level)
+    verbose = getattr(args, "verbose", 0) or 0
+    return None if verbose == 0 else ("INFO" if verbose == 1 else "DEBUG")
 
 
 def _settings(overrides: dict[str, Any]) -> Settings:
     """Settings with these flags on top (None: not given); then logging as they say."""
     try:
-        settings = load_settings(overrides)  # flags > env > TOML > cc-backend > defaults
+        settings = load_settings(
+            {**_COMMON_FLAGS, **overrides}
+        )  # flags > env > TOML > cc-backend > defaults
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     setup_logging(settings.log_level)
@@ -122,6 +192,51 @@ def _check_archive_writable(archive: str) -> None:
         raise UsageError(
             f"archive directory {archive} is not writable: {exc.strerror or exc}"
         ) from None
+
+
+def _check_bucket(url: str, option: str) -> None:
+    """An object-store location's bucket must exist before a run starts: one line, exit 2."""
+    if "://" not in url or url.startswith("file://"):
+        return  # local directories: see _check_archive_writable
+    from . import storage
+
+    try:
+        fs, path = storage.filesystem(url)
+        if storage.is_local(fs):
+            return
+        bucket = path.split("/", 1)[0]
+        found = fs.exists(bucket)
+    except Exception as exc:  # any store error (endpoint, credentials) is one line
+        raise UsageError(f"cannot reach {option} {url}: {type(exc).__name__}: {exc}") from None
+    if not found:
+        raise UsageError(
+            f"{option} {url}: bucket {bucket!r} not found (it does not exist, these "
+            "credentials cannot see it, or the endpoint is unreachable)"
+        )
+
+
+def missing_clusters(
+    asked: Sequence[str] | None, found: Sequence[str], where: str, listed: bool = True
+) -> str | None:
+    """The usage error for `--cluster` names not among `found`, or None if all are there;
+    `listed`: `found` is every cluster there, worth naming."""
+    missing = sorted(set(asked or ()) - set(found))
+    if not missing:
+        return None
+    names = ", ".join(repr(m) for m in missing)
+    there = f" (clusters there: {', '.join(sorted(found)) or 'none'})" if listed else ""
+    return f"no cluster {names} {where}{there}"
+
+
+def _check_clusters(checkpoints: str, asked: Sequence[str] | None) -> None:
+    """A `--cluster` typo must not be a quiet no-op of a timer that never archives."""
+    if not asked:
+        return
+    with os.scandir(checkpoints) as entries:
+        found = [e.name for e in entries if e.is_dir()]
+    problem = missing_clusters(asked, found, f"under {checkpoints}")
+    if problem:
+        raise UsageError(problem)
 
 
 def _cutoff(args: argparse.Namespace, settings: Settings) -> int:
@@ -190,7 +305,11 @@ def cmd_archive(args: argparse.Namespace) -> int:
             except roots.RootsRefused as exc:
                 raise UsageError(str(exc)) from None
         _check_archive_writable(settings.archive)
+        _check_bucket(settings.archive, "--archive")
+    if settings.staging:
+        _check_bucket(settings.staging, "--staging")
     cutoff = _cutoff(args, settings)
+    _check_clusters(settings.checkpoints, args.cluster)
     _serve_metrics(settings)  # Prometheus endpoint and textfile, when configured
 
     from . import runner  # deferred: `ccarchive --help` stays instant
@@ -264,22 +383,30 @@ class _ProgressDisplay:
 
 
 def _print_summary(reports: Sequence[ClusterReport], mode: str) -> None:
+    """The table per cluster, then each cluster's archive path on a line of its own.
+
+    Readable at 80 columns: short headers, numbers never cut, and the long values (bytes
+    written, the archive path) on a line per cluster that a terminal wraps, never truncates.
+    """
+    from .ops import iso
+
     out = Console(highlight=False)
     if not out.is_terminal:
         out = Console(highlight=False, width=200)  # logs and pipes: never truncate columns
-    table = Table(title=f"ccarchive {mode}: cutoff {reports[0].cutoff}" if reports else None)
-    for name in (
-        "cluster",
-        "hosts",
-        "files archived",
-        "files deleted",
-        "kept (bad)",
-        "rows",
-        "bytes written",
-        "seconds",
-        "archive",
-    ):
-        table.add_column(name, justify="left" if name in ("cluster", "archive") else "right")
+    if not reports:
+        out.print("no clusters found")
+        return
+    cutoff = reports[0].cutoff
+    table = Table(
+        title=f"ccarchive {mode}: cutoff {cutoff} ({iso(cutoff)})",
+        box=box.MINIMAL_HEAVY_HEAD,
+        pad_edge=False,
+    )
+    for name in ("cluster", "hosts", "archived", "deleted", "kept", "rows", "secs"):
+        if name == "cluster":
+            table.add_column(name, overflow="fold", min_width=12)  # long names wrap, never cut
+        else:  # "fold": on a very narrow terminal a number wraps, it is never cut to "…"
+            table.add_column(name, justify="right", overflow="fold")
     for r in reports:
         archived = str(r.files_archived) if mode == "archive" else "-"
         table.add_row(  # Text: a name such as `c[x]` is not rich markup
@@ -289,14 +416,15 @@ def _print_summary(reports: Sequence[ClusterReport], mode: str) -> None:
             str(r.files_deleted),
             str(len(r.bad)),
             f"{r.rows:,}",
-            f"{r.bytes_written:,}",
             f"{r.seconds:.1f}",
-            Text(r.archive or "-"),
         )
-    if not reports:
-        out.print("no clusters found")
-        return
     out.print(table)
+    for r in reports:  # the long values, each cluster on a line of its own
+        where = f" in {r.archive}" if r.archive else ""
+        # soft_wrap: the terminal wraps a long path; it stays one line to copy and paste
+        out.print(
+            f"{r.cluster}: {r.bytes_written:,} bytes written{where}", markup=False, soft_wrap=True
+        )
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     for r in reports:
         for bad in r.bad:
@@ -352,6 +480,19 @@ def _serve_metrics(settings: Settings) -> None:
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more: -v info, -vv debug (default: warnings; CCARCHIVE_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help="log level (overrides -v and CCARCHIVE_LOG_LEVEL)",
+    )
     parser.add_argument("--config", metavar="FILE", help="TOML config file (also CCARCHIVE_CONFIG)")
     parser.add_argument(
         "--cc-backend-config",
@@ -382,14 +523,25 @@ def _add_ops_parsers(sub: Any) -> None:
 
     query = sub.add_parser("query", help="read archived values back (filters push down)")
     query.add_argument("--archive", metavar="DIR|URL", help="the archive root")
-    query.add_argument("--cluster", action="append", metavar="NAME", help="repeatable")
-    query.add_argument("--host", action="append", metavar="NAME", help="repeatable")
-    query.add_argument("--metric", action="append", metavar="NAME", help="repeatable")
+    query.add_argument(
+        "--cluster", action="append", metavar="NAME", help="only this cluster (repeatable)"
+    )
+    query.add_argument(
+        "--host", action="append", metavar="NAME", help="only this host (repeatable)"
+    )
+    query.add_argument(
+        "--metric", action="append", metavar="NAME", help="only this metric (repeatable)"
+    )
     query.add_argument(
         "--from", dest="start", metavar="TIME", help="timestamp >= TIME (Unix or ISO 8601, UTC)"
     )
     query.add_argument("--to", dest="end", metavar="TIME", help="timestamp < TIME")
-    query.add_argument("--format", choices=("table", "csv", "parquet"), default="table")
+    query.add_argument(
+        "--format",
+        choices=("table", "csv", "parquet"),
+        default="table",
+        help="table on a terminal; csv or parquet for other programs",
+    )
     query.add_argument("--output", "-o", metavar="FILE|URL", help="default: standard output")
     query.add_argument("--limit", type=int, metavar="N", help="at most N rows (table default: 100)")
     _add_config_options(query)
@@ -466,12 +618,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         out.print("last runs: unknown (run records are off: set CCARCHIVE_RUN_LOG)")
     if not result.clusters:
         out.print(f"no clusters under {archive or settings.run_log}")
+    if not archive:  # only run records: say what was read, not "0 archive(s)"
+        out.print(
+            f"run records in {settings.run_log} only; archives not read (give --archive)",
+            markup=False,
+        )
     for c in result.clusters:
         out.print()
-        out.print(
-            f"[bold]{escape(c.cluster)}[/bold]: {len(c.archives)} archive(s), {c.rows:,} rows, "
-            f"{c.bytes:,} bytes"
-        )
+        if archive:
+            out.print(
+                f"[bold]{escape(c.cluster)}[/bold]: {len(c.archives)} archive(s), {c.rows:,} rows, "
+                f"{c.bytes:,} bytes"
+            )
+        else:
+            out.print(f"[bold]{escape(c.cluster)}[/bold]: {c.runs} run record(s)")
         if c.archives:
             table = Table(box=None, pad_edge=False)
             for name in ("cutoff", "cutoff (UTC)", "hosts", "rows", "bytes", "source files"):
@@ -642,9 +802,9 @@ def cmd_query(args: argparse.Namespace) -> int:
         )
     limit = args.limit if args.limit is not None or args.format != "table" else 100
     if args.format == "table":
-        _query_table(plan, limit)
+        code = _query_table(plan, limit, explicit=args.limit is not None)
         _print_problems(plan.problems)
-        return EXIT_REPORTED if plan.problems else EXIT_OK
+        return EXIT_REPORTED if plan.problems else code
     from .rows import ARCHIVE_SCHEMA
 
     schema = plan.dataset.schema if plan.dataset is not None else ARCHIVE_SCHEMA
@@ -690,7 +850,7 @@ def _write_rows(plan: Any, schema: Any, sink: Any, fmt: str, limit: int | None) 
     return rows
 
 
-def _query_table(plan: Any, limit: int | None) -> int:
+def _query_table(plan: Any, limit: int | None, explicit: bool = False) -> int:
     from . import ops
 
     out = _out()
@@ -711,10 +871,14 @@ def _query_table(plan: Any, limit: int | None) -> int:
             table.add_row(*(str(k) for k in keys), ops.iso(keys[5]) or "", f"{value:.7g}")
             shown += 1
     out.print(table)
+    if _stdout_reader_gone():
+        raise BrokenPipeError  # `| head`: no note about rows nobody reads
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     note = f"{shown:,} rows; read {plan.row_groups_selected} of {plan.row_groups_total} row groups"
-    if more:
-        note += "; more rows not shown (use --limit N, or --format csv)"
+    if more and explicit:  # the operator asked for this many: no advice to ask for it
+        note += f"; more rows match (--limit {limit})"
+    elif more:
+        note += f"; more rows match, not shown (the table stops at {limit}: use --limit N or --format csv)"
     if more or err.is_terminal:  # a pipe gets the rows only, unless some were left out
         err.print(note, markup=False)
     return EXIT_OK
@@ -732,14 +896,57 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ccarchive` console script."""
     args = _parser().parse_args(argv)
+    # rich exits 1 itself on a broken pipe, our "something was reported": let main decide.
+    Console.on_broken_pipe = _reraise_broken_pipe  # type: ignore[method-assign,assignment]
+    _COMMON_FLAGS["log_level"] = _log_level_flag(args)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()
+        # A large write the reader stopped reading in the middle of returns short, without
+        # an error: Python then drops the rest. Ask the pipe itself whether its reader left.
+        return _closed_stdout() if _stdout_reader_gone() else code
     except UsageError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_stdout()
+
+
+def _reraise_broken_pipe(_console: Console) -> None:
+    raise BrokenPipeError
+
+
+def _stdout_reader_gone() -> bool:
+    """True if stdout is a pipe whose reading end is closed (poll reports POLLERR)."""
+    import select
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError):  # no real stdout (closed, or replaced by a test)
+        return False
+
+
+def _closed_stdout() -> int:
+    """Exit quietly when the reader of stdout is gone (see EXIT_PIPE)."""
+    # Python's own advice: point stdout at /dev/null, or its flush at exit prints
+    # "Exception ignored ... BrokenPipeError" to stderr.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m workers.cli`: run the imported module's main, not this `__main__` copy, or
+    # UsageError raised by workers.remote (workers.cli.UsageError) would not be caught here.
+    from workers.cli import main as _main
+
+    sys.exit(_main())

@@ -27,6 +27,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -50,6 +51,11 @@ def _state_dir() -> Path:
         os.path.expanduser("~"), ".local", "state"
     )
     return Path(base) / "ccarchive"
+
+
+def default_workers() -> int:
+    """cc-backend's default (`min(NumCPU/2+1, 10)`): the node is shared with the metric store."""
+    return min((os.cpu_count() or 1) // 2 + 1, 10)
 
 
 def parse_duration(text: str) -> float:
@@ -129,7 +135,7 @@ class Settings(BaseSettings):
     mode: Literal["archive", "delete"] = "archive"
     retention: str | None = None  # Go duration, e.g. "48h"
     interval: str | None = None  # beat interval; defaults to the retention
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    workers: int = Field(default_factory=lambda: default_workers(), ge=1)
 
     # redis:// or rediss:// (TLS); a password goes in the URL: redis://:PASSWORD@host:6379/0.
     # Log lines, `repr(settings)` and task messages only ever show it masked (`mask_url`).
@@ -204,6 +210,14 @@ class Settings(BaseSettings):
         from .routing import parse_routes  # deferred: config stays importable on its own
 
         parse_routes(value)  # raises ValueError naming the offending pattern or queue
+        return value
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Only Redis is supported; anything else would end in a kombu KeyError traceback.
+        if value is not None and urlsplit(value).scheme.lower() not in ("redis", "rediss"):
+            raise ValueError(f"{mask_url(value)!r} is not a redis:// or rediss:// URL")
         return value
 
     @field_validator("default_queue", "finalize_queue")
@@ -499,6 +513,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     token = _ORIGINS.set(origins)
     try:
         return Settings(**given)
+    except SettingsError as exc:  # an env value that must be JSON (CCARCHIVE_ROUTES) is not
+        raise ConfigError(_settings_error(exc)) from None
     except ValidationError as exc:
         errors = exc.errors()
         err = errors[0]
@@ -519,6 +535,16 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         ) from None
     finally:
         _ORIGINS.reset(token)
+
+
+def _settings_error(exc: SettingsError) -> str:
+    """One line for a value pydantic-settings could not even parse: the variable, the reason."""
+    found = re.search(r'field "([^"]+)"', str(exc))
+    field = found.group(1) if found else ""
+    env = _env_name(field) if field else None
+    reason = exc.__cause__ or exc.__context__ or exc
+    what = f"{env} (setting {field})" if env else (field or "a setting")
+    return f"invalid {what}: not valid JSON: {reason}"
 
 
 def configure_storage(settings: Settings) -> dict[str, dict[str, Any]]:

@@ -793,13 +793,15 @@ def _host_prefix(cluster: str) -> str:
     return c if "a" <= c <= "z" else "n"
 
 
-def _default_start(files_per_host: int, samples: int, frequency: int) -> int:
+def _default_start(files_per_host: int, samples: int, frequency: int, seed: int = 0) -> int:
     now = int(time.time())
     span = files_per_host * samples * frequency
     # A week back, and far enough back that the newest file ends 3 days ago: a 48 h
     # retention run then selects every generated file.
     latest = min(now - 7 * 86400, now - span - 3 * 86400)
-    return latest // 3600 * 3600
+    # Each seed its own minute: a tree regenerated with another seed gets other file names,
+    # instead of same-named files with other content (which recovery reports as changed).
+    return latest // 3600 * 3600 - (seed % 1000) * 60
 
 
 @dataclass(frozen=True)
@@ -868,8 +870,9 @@ def generate_tree(
 
     fmt "mixed" alternates json/bin by host and file. shape "hourly" writes values with 4-6
     significant digits and ~2 % nulls (use samples=60 for hourly files). Same arguments and
-    seed give the same bytes (unless start defaults from the clock). workers > 1 uses a
-    process pool over hosts.
+    seed give the same bytes (unless start defaults from the clock). The default start moves
+    back by `seed % 1000` minutes, so other seeds give other file names. workers > 1: a pool
+    over hosts.
     """
     if fmt not in _FORMATS:
         raise ValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
@@ -883,7 +886,7 @@ def generate_tree(
         if not _NAME_RE.fullmatch(c):
             raise ValueError(f"invalid cluster name {c!r}: use letters, digits, '-' and '_'")
     if start is None:
-        start = _default_start(files_per_host, samples, frequency)
+        start = _default_start(files_per_host, samples, frequency, seed)
     root = Path(root)
     tasks = [
         _HostTask(

@@ -213,6 +213,7 @@ def submit(
             raise RemoteError(
                 f"no Celery worker answers at {maybe_sanitize_url(settings.broker_url)}"
             )
+        notify("submitting", "", {})
         live = _Liveness(redis_client(settings.broker_url, settings))
         started = time.perf_counter()
         plan_id = str(uuid.uuid4())
@@ -348,7 +349,16 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
     """`ccarchive archive` on the Celery cluster: same summary and exit codes as embedded."""
     from rich.console import Console
 
-    from .cli import EXIT_OK, EXIT_REPORTED, UsageError, _cutoff, _print_summary, _ProgressDisplay
+    from .cli import (
+        EXIT_OK,
+        EXIT_REPORTED,
+        EXIT_USAGE,
+        UsageError,
+        _cutoff,
+        _print_summary,
+        _ProgressDisplay,
+        missing_clusters,
+    )
 
     if args.staging is not None or args.workers is not None:
         raise UsageError(
@@ -357,11 +367,19 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
         )
     cutoff = _cutoff(args, settings)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(
-        f"submitting to {maybe_sanitize_url(settings.broker_url)} (cutoff {cutoff})", markup=False
-    )
     try:
         with _ProgressDisplay(console) as display:
+
+            def progress(event: str, cluster: str, detail: dict[str, Any]) -> None:
+                # Said once a worker answered: a broker error stays the only line on stderr.
+                if event == "submitting":
+                    console.print(
+                        f"submitting to {maybe_sanitize_url(settings.broker_url)} "
+                        f"(cutoff {cutoff})",
+                        markup=False,
+                    )
+                display.update(event, cluster, detail)
+
             run = submit(
                 settings,
                 cutoff,
@@ -369,16 +387,24 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
                 clusters=args.cluster,
                 checkpoints=args.checkpoints,
                 archive=args.archive if settings.mode == "archive" else None,
-                progress=display.update,
+                progress=progress,
             )
     except RunLost as exc:
         console.print(f"error: {exc}", markup=False)
         return EXIT_REPORTED
     except RemoteError as exc:
         raise UsageError(str(exc)) from None
+    missing = missing_clusters(
+        args.cluster, [r.cluster for r in run.reports], "on the workers", listed=False
+    )
+    if missing and not run.reports:
+        raise UsageError(missing)  # nothing was done: the usual one line
     _print_summary(run.reports, settings.mode)
     for e in run.errors:
         console.print(f"error: {e}", markup=False)
+    if missing:  # the clusters that exist were archived; the typo is still a usage error
+        console.print(f"ccarchive: error: {missing}", markup=False)
+        return EXIT_USAGE
     ok = not run.errors and all(r.ok for r in run.reports)
     return EXIT_OK if ok else EXIT_REPORTED
 

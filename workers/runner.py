@@ -15,6 +15,7 @@ this process.
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal
@@ -32,6 +33,8 @@ from . import metrics, ops, recovery, roots, staging, steps, storage
 from .locks import DirectoryLock, LockBusy
 from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest
 from .sink import ArchiveInfo, ParquetOptions
+
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -288,8 +291,13 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
             _finish(state, started, notify)
     plans = [p for p in plans if states[p.cluster].lock is not None]
     private_run: staging.PrivateRun | None = None
+    # No host with a file to load or delete: no pool (spawning 16 processes for nothing
+    # costs seconds and CPU-seconds); the empty steps run inline.
+    busy = _hosts_with_files(plans, states, options)
+    if busy == 0:
+        log.info("nothing selected at cutoff %d: no process pool started", options.cutoff)
     # A thread per cluster writes its archive while its hosts load (see the module's doc).
-    streaming = options.workers > 1 and options.mode == "archive"
+    streaming = options.workers > 1 and options.mode == "archive" and busy > 0
     finalizers: list[threading.Thread] = []
     try:
         if archiving and staging_url:
@@ -302,7 +310,9 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
                     private_run = staging.PrivateRun(private_root, run_id)
                 else:
                     staging.mark_run(staging_url, run_id)
-        with _executor(options, streaming) as pool, _stopped_on_error(pool):
+        executor = _executor(options, streaming) if busy else _InlineExecutor()
+        with executor as pool, _stopped_on_error(pool):
+            last_run.pool = not isinstance(pool, _InlineExecutor)
             pending: dict[Future[Any], tuple[str, str, str]] = {}
 
             def submit(
@@ -429,6 +439,36 @@ def _stopped_on_error(pool: Executor) -> Iterator[None]:
     except BaseException:
         _stop_pool(pool)
         raise
+
+
+@dataclass
+class RunFacts:
+    """What the last `run` in this process did beyond its reports (tests, debugging)."""
+
+    pool: bool = False  # a process pool was created (no: everything ran in this process)
+
+
+last_run = RunFacts()
+
+
+def _hosts_with_files(
+    plans: list[steps.ClusterPlan], states: dict[str, _ClusterState], options: RunOptions
+) -> int:
+    """1 if some host has a checkpoint file (or a bad name) at or before the cutoff, else 0."""
+    busy = 0
+    root = Path(options.checkpoints)
+    for plan in plans:
+        exclude = states[plan.cluster].exclude
+        for host in plan.hosts:
+            try:
+                found = steps.select_files(
+                    root / plan.cluster / host, options.cutoff, exclude.get(host, [])
+                )
+            except OSError:  # unreadable: the load step reports it, in the pool as usual
+                return 1
+            if found.files or found.bad:
+                return 1  # one is enough to need the pool: no second listing of the tree
+    return busy
 
 
 def _prepare(plan: steps.ClusterPlan, report: ClusterReport, options: RunOptions) -> _ClusterState:
