@@ -45,11 +45,37 @@ _MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
 
 
 def _state_dir() -> Path:
-    """Where this machine keeps the archiver's own records ($XDG_STATE_HOME/ccarchive)."""
+    """Where this machine keeps the archiver's own records.
+
+    `$STATE_DIRECTORY` (systemd sets it for `StateDirectory=ccarchive`: /var/lib/ccarchive,
+    already ours), else `$XDG_STATE_HOME/ccarchive`, else `~/.local/state/ccarchive`.
+    """
+    # systemd joins several StateDirectory= entries with ':'; the first is ours.
+    service = (os.environ.get("STATE_DIRECTORY") or "").split(":")[0]
+    if service:
+        return Path(service)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
     )
     return Path(base) / "ccarchive"
+
+
+def location_id(url: str) -> str:
+    """A location as one canonical string: the same place always gives the same string.
+
+    Local paths (and file:// URLs) are resolved (`ar` and its absolute path are one
+    place, `arc` in two working directories are two); S3 becomes `s3://bucket/prefix`.
+    """
+    from .roots import location_key  # deferred: config stays importable on its own
+
+    kind, parts = location_key(url)
+    return "/" + "/".join(parts) if kind == "file" else f"{kind}://" + "/".join(parts)
+
+
+def default_run_log(where: str) -> str:
+    """The default run-record directory of an archive (or checkpoint root, in delete mode)."""
+    key = hashlib.sha1(location_id(where).encode()).hexdigest()[:12]
+    return str(_state_dir() / "runs" / key)
 
 
 def parse_duration(text: str) -> float:
@@ -95,8 +121,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     # Run records for `ccarchive status` (<run_log>/<cluster>/<end>-<run_id>.json), a
     # directory or URL such as <archive>/_runs ("_": skipped by dataset readers). Unset: a
-    # directory under $XDG_STATE_HOME per archive (see `_default_run_log`); "off": none.
+    # directory per archive under $STATE_DIRECTORY, $XDG_STATE_HOME or ~/.local/state (see
+    # `_state_dir`); "off": none. Pruned after each record: the newest `run_log_keep` per
+    # cluster, none older than `run_log_max_age`.
     run_log: str | None = None
+    run_log_keep: int = Field(default=500, ge=1)
+    run_log_max_age: str = "2160h"  # 90 days
 
     @classmethod
     def settings_customise_sources(
@@ -177,14 +207,12 @@ class Settings(BaseSettings):
         if self.run_log is None:
             where = self.archive or self.checkpoints
             if where:
-                self.run_log = str(
-                    _state_dir() / "runs" / hashlib.sha1(where.encode()).hexdigest()[:12]
-                )
+                self.run_log = default_run_log(where)
         elif self.run_log.lower() in ("off", "none", ""):
             self.run_log = None
         return self
 
-    @field_validator("retention", "interval", "recovery_grace")
+    @field_validator("retention", "interval", "recovery_grace", "run_log_max_age")
     @classmethod
     def _valid_duration(cls, value: str | None) -> str | None:
         if value is not None and parse_duration(value) <= 0:
@@ -239,6 +267,11 @@ class Settings(BaseSettings):
     def retention_seconds(self) -> float | None:
         """The retention as seconds, if configured."""
         return parse_duration(self.retention) if self.retention else None
+
+    @property
+    def run_log_max_age_seconds(self) -> float:
+        """How old a run record may get before it is pruned, in seconds."""
+        return parse_duration(self.run_log_max_age)
 
     @property
     def grace_seconds(self) -> float:
