@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean redis promtool
 
 setup: $(STAMP)
 
@@ -18,10 +18,20 @@ $(STAMP): pyproject.toml
 redis:
 	@command -v redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 
+# promtool (for the alert-rule test) from Debian's prometheus package, unpacked into the
+# venv: installing the package would also start a Prometheus server. Without it, the test
+# evaluates the rules in Python.
+promtool: setup
+	@command -v promtool >/dev/null 2>&1 || test -x $(BIN)/promtool || \
+	  (d=$$(mktemp -d) && cd $$d && apt-get download prometheus >/dev/null 2>&1 && \
+	   dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > $(CURDIR)/$(BIN)/promtool && \
+	   chmod +x $(CURDIR)/$(BIN)/promtool; rm -rf $$d) || \
+	  echo "promtool not available: the alert-rule test evaluates the rules in Python"
+
 demo: setup
 	$(BIN)/python -m workers.demo
 
-test: setup redis
+test: setup redis promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy workers beat

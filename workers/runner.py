@@ -445,6 +445,7 @@ def _record_stopped(state: _ClusterState, started: float, exc: BaseException) ->
     ops.record_run(
         state.run_log, report, state.mode, outcome=outcome, keep=state.keep, max_age=state.max_age
     )
+    metrics.observe_cluster(report, result=outcome)
 
 
 def _refused_report(plan: steps.ClusterPlan, cutoff: int, run_id: str) -> ClusterReport:
