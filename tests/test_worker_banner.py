@@ -1,0 +1,33 @@
+"""The worker's start-up banner masks the broker password only where there is one."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from workers.celery import make_app
+from workers.config import load_settings
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6399/0", "redis://127.0.0.1:6399/0"),
+        ("redis://:s3cret@127.0.0.1:6399/0", "redis://:**@127.0.0.1:6399/0"),
+        ("redis://alice:s3cret@127.0.0.1:6399/2", "redis://alice:**@127.0.0.1:6399/2"),
+    ],
+)
+def test_banner_masks_only_a_real_password(url: str, shown: str) -> None:
+    app = make_app(load_settings({"broker_url": url}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Celery's warning about running as root
+        worker = app.Worker(hostname="banner@test", loglevel=20)
+    banner = worker.startup_info(artlines=False)
+    lines = {}
+    for line in banner.splitlines():
+        for field in ("transport", "results"):
+            if line.startswith(f".> {field}:"):
+                lines[field] = line.split(":", 1)[1].strip()
+    assert lines["transport"] == shown and lines["results"] == shown, banner
+    assert "s3cret" not in banner
