@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import ssl
@@ -437,6 +438,57 @@ _CC_BACKEND_KEYS = {
 }
 
 
+#: cc-backend configs already warned about in this process (see `cleanup_warning`).
+_WARNED_CLEANUP: set[str] = set()
+
+
+def cleanup_warning(section: Mapping[str, Any], path: str) -> str | None:
+    """Why cc-backend's own cleanup still runs with this `metric-store` section, or None.
+
+    Migration step 2 (docs/operations.md) switches it off with `cleanup.interval: "0s"`;
+    without that, cc-backend archives or deletes the same files on its own schedule
+    (every `retention-in-memory`, in `delete` mode when `cleanup.mode` is missing).
+    """
+    cleanup = section.get("cleanup")
+    interval = cleanup.get("interval") if isinstance(cleanup, Mapping) else None
+    if isinstance(interval, str):
+        try:
+            if parse_duration(interval) == 0:
+                return None
+        except ValueError:
+            pass  # not a duration cc-backend would take as "off" either
+        why = f'metric-store.cleanup.interval is "{interval}"'
+    elif not isinstance(cleanup, Mapping):
+        why = "metric-store has no cleanup section (cc-backend then deletes old checkpoints)"
+    else:
+        why = "metric-store.cleanup has no interval"
+    return (
+        f"cc-backend's own cleanup is still enabled in {path}: {why}; set "
+        '"interval": "0s" there so that two archivers never take the same files (or, on '
+        "versions without cleanup.interval, keep its mode at archive and ccarchive's "
+        "retention shorter; docs/operations.md, migration step 2)"
+    )
+
+
+def warn_about_cleanup(path: str) -> None:
+    """Log `cleanup_warning` for the cc-backend config at `path`, once per process.
+
+    Called once the settings are valid: an invalid config is one error line, not a warning
+    and an error.
+    """
+    if path in _WARNED_CLEANUP:
+        return
+    _WARNED_CLEANUP.add(path)
+    try:
+        doc = json.loads(_read_file(path, "cc-backend config"))
+        section = doc["metric-store"]
+    except (ConfigError, ValueError, TypeError, KeyError):
+        return  # the settings were read from it a moment ago; nothing to add
+    warning = cleanup_warning(section, path) if isinstance(section, Mapping) else None
+    if warning is not None:
+        logging.getLogger(__name__).warning("%s", warning)
+
+
 def read_cc_backend_config(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     """Settings implied by the `metric-store` section of a cc-backend config.json (SPEC §7).
 
@@ -531,7 +583,10 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     origins: dict[str, str] = {}
     token = _ORIGINS.set(origins)
     try:
-        return Settings(**given)
+        settings = Settings(**given)
+        if settings.cc_backend_config:
+            warn_about_cleanup(settings.cc_backend_config)
+        return settings
     except ValidationError as exc:
         errors = exc.errors()
         err = errors[0]
