@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import warnings
+from collections.abc import Iterator
 
 import pytest
 
 from workers.celery import make_app
 from workers.config import load_settings
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """Building a worker sets up Celery's logging on the root logger: undo it afterwards."""
+    names = ("", "celery", "celery.task")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level) for n in names}
+    streams = (sys.stdout, sys.stderr)
+    yield
+    for n, (handlers, level) in saved.items():
+        logging.getLogger(n).handlers[:] = handlers
+        logging.getLogger(n).setLevel(level)
+    sys.stdout, sys.stderr = streams
 
 
 @pytest.mark.parametrize(
