@@ -48,3 +48,4 @@ def _private_state_dir(
 ) -> None:
     """Run records and other local state go to a temporary $XDG_STATE_HOME, not ~/.local."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)  # systemd's wins over XDG's

@@ -21,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import logs, metrics
-from .config import ConfigError, Settings, load_settings, parse_duration
+from .config import ConfigError, Settings, load_settings, mask_url, parse_duration
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -194,6 +194,23 @@ class ArchiveScheduler(PersistentScheduler):
             beat_log.warning("ccarchive beat: %s", IDLE_WARNING)
 
 
+def _worker_class(celery_app: Celery) -> type:
+    """Celery's worker, with the broker URL in its banner masked only if it has a password.
+
+    kombu's `as_uri()` prints `redis://:**@host` for every URL, which reads as "a password
+    is set" when none is; `mask_url` shows `**` only in place of a real one.
+    """
+    base: type = celery_app.Worker
+
+    class Worker(base):  # type: ignore[misc, valid-type]
+        def startup_info(self, artlines: bool = True) -> str:
+            shown = self.app.connection().as_uri()
+            truth = mask_url(self.app.connection().as_uri(include_password=True))
+            return str(super().startup_info(artlines)).replace(shown, truth, 1)
+
+    return Worker
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     """A configured Celery app with the archiver's tasks and beat schedule."""
     from beat.schedule import beat_schedule  # deferred: beat/ imports workers.config
@@ -205,6 +222,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         celery_app.backend_cls = RedisResults  # the URL stays in `result_backend`
     celery_app.conf.beat_schedule = beat_schedule(settings)
     celery_app.conf.beat_scheduler = "workers.celery:ArchiveScheduler"
+    celery_app.Worker = _worker_class(celery_app)  # type: ignore[misc]
     return celery_app
 
 

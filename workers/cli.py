@@ -326,6 +326,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
         chunk_compression=settings.ipc_compression,
         grace_seconds=settings.grace_seconds,
         run_log=settings.run_log,
+        run_log_keep=settings.run_log_keep,
+        run_log_max_age=settings.run_log_max_age_seconds,
         clusters=args.cluster,
     )
     console = Console(stderr=True)
@@ -649,7 +651,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                 )
             out.print(table)
         run = c.last_run
-        if run is not None:
+        if run is not None and run.outcome == "unfinished":
+            out.print(
+                f"  last run: started {run.started} unfinished ({run.mode}, cutoff "
+                f"{run.cutoff}, run {run.run_id}, pid {run.pid} on {run.host}): still running, "
+                f"or killed; the next run finishes its work; {c.runs} recorded",
+                markup=False,
+            )
+        elif run is not None:
             out.print(
                 f"  last run: {run.finished} {run.outcome} ({run.mode}, cutoff {run.cutoff}, "
                 f"{run.files_archived} archived, {run.files_deleted} deleted, "

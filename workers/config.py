@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import ssl
@@ -46,7 +47,15 @@ _MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
 
 
 def _state_dir() -> Path:
-    """Where this machine keeps the archiver's own records ($XDG_STATE_HOME/ccarchive)."""
+    """Where this machine keeps the archiver's own records.
+
+    `$STATE_DIRECTORY` (systemd sets it for `StateDirectory=ccarchive`: /var/lib/ccarchive,
+    already ours), else `$XDG_STATE_HOME/ccarchive`, else `~/.local/state/ccarchive`.
+    """
+    # systemd joins several StateDirectory= entries with ':'; the first is ours.
+    service = (os.environ.get("STATE_DIRECTORY") or "").split(":")[0]
+    if service:
+        return Path(service)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
     )
@@ -56,6 +65,24 @@ def _state_dir() -> Path:
 def default_workers() -> int:
     """cc-backend's default (`min(NumCPU/2+1, 10)`): the node is shared with the metric store."""
     return min((os.cpu_count() or 1) // 2 + 1, 10)
+
+
+def location_id(url: str) -> str:
+    """A location as one canonical string: the same place always gives the same string.
+
+    Local paths (and file:// URLs) are resolved (`ar` and its absolute path are one
+    place, `arc` in two working directories are two); S3 becomes `s3://bucket/prefix`.
+    """
+    from .roots import location_key  # deferred: config stays importable on its own
+
+    kind, parts = location_key(url)
+    return "/" + "/".join(parts) if kind == "file" else f"{kind}://" + "/".join(parts)
+
+
+def default_run_log(where: str) -> str:
+    """The default run-record directory of an archive (or checkpoint root, in delete mode)."""
+    key = hashlib.sha1(location_id(where).encode()).hexdigest()[:12]
+    return str(_state_dir() / "runs" / key)
 
 
 def parse_duration(text: str) -> float:
@@ -101,8 +128,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     # Run records for `ccarchive status` (<run_log>/<cluster>/<end>-<run_id>.json), a
     # directory or URL such as <archive>/_runs ("_": skipped by dataset readers). Unset: a
-    # directory under $XDG_STATE_HOME per archive (see `_default_run_log`); "off": none.
+    # directory per archive under $STATE_DIRECTORY, $XDG_STATE_HOME or ~/.local/state (see
+    # `_state_dir`); "off": none. Pruned after each record: the newest `run_log_keep` per
+    # cluster, none older than `run_log_max_age`.
     run_log: str | None = None
+    run_log_keep: int = Field(default=500, ge=1)
+    run_log_max_age: str = "2160h"  # 90 days
 
     @classmethod
     def settings_customise_sources(
@@ -183,14 +214,12 @@ class Settings(BaseSettings):
         if self.run_log is None:
             where = self.archive or self.checkpoints
             if where:
-                self.run_log = str(
-                    _state_dir() / "runs" / hashlib.sha1(where.encode()).hexdigest()[:12]
-                )
+                self.run_log = default_run_log(where)
         elif self.run_log.lower() in ("off", "none", ""):
             self.run_log = None
         return self
 
-    @field_validator("retention", "interval", "recovery_grace")
+    @field_validator("retention", "interval", "recovery_grace", "run_log_max_age")
     @classmethod
     def _valid_duration(cls, value: str | None) -> str | None:
         if value is not None and parse_duration(value) <= 0:
@@ -253,6 +282,11 @@ class Settings(BaseSettings):
     def retention_seconds(self) -> float | None:
         """The retention as seconds, if configured."""
         return parse_duration(self.retention) if self.retention else None
+
+    @property
+    def run_log_max_age_seconds(self) -> float:
+        """How old a run record may get before it is pruned, in seconds."""
+        return parse_duration(self.run_log_max_age)
 
     @property
     def grace_seconds(self) -> float:
@@ -418,6 +452,57 @@ _CC_BACKEND_KEYS = {
 }
 
 
+#: cc-backend configs already warned about in this process (see `cleanup_warning`).
+_WARNED_CLEANUP: set[str] = set()
+
+
+def cleanup_warning(section: Mapping[str, Any], path: str) -> str | None:
+    """Why cc-backend's own cleanup still runs with this `metric-store` section, or None.
+
+    Migration step 2 (docs/operations.md) switches it off with `cleanup.interval: "0s"`;
+    without that, cc-backend archives or deletes the same files on its own schedule
+    (every `retention-in-memory`, in `delete` mode when `cleanup.mode` is missing).
+    """
+    cleanup = section.get("cleanup")
+    interval = cleanup.get("interval") if isinstance(cleanup, Mapping) else None
+    if isinstance(interval, str):
+        try:
+            if parse_duration(interval) == 0:
+                return None
+        except ValueError:
+            pass  # not a duration cc-backend would take as "off" either
+        why = f'metric-store.cleanup.interval is "{interval}"'
+    elif not isinstance(cleanup, Mapping):
+        why = "metric-store has no cleanup section (cc-backend then deletes old checkpoints)"
+    else:
+        why = "metric-store.cleanup has no interval"
+    return (
+        f"cc-backend's own cleanup is still enabled in {path}: {why}; set "
+        '"interval": "0s" there so that two archivers never take the same files (or, on '
+        "versions without cleanup.interval, keep its mode at archive and ccarchive's "
+        "retention shorter; docs/operations.md, migration step 2)"
+    )
+
+
+def warn_about_cleanup(path: str) -> None:
+    """Log `cleanup_warning` for the cc-backend config at `path`, once per process.
+
+    Called once the settings are valid: an invalid config is one error line, not a warning
+    and an error.
+    """
+    if path in _WARNED_CLEANUP:
+        return
+    _WARNED_CLEANUP.add(path)
+    try:
+        doc = json.loads(_read_file(path, "cc-backend config"))
+        section = doc["metric-store"]
+    except (ConfigError, ValueError, TypeError, KeyError):
+        return  # the settings were read from it a moment ago; nothing to add
+    warning = cleanup_warning(section, path) if isinstance(section, Mapping) else None
+    if warning is not None:
+        logging.getLogger(__name__).warning("%s", warning)
+
+
 def read_cc_backend_config(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     """Settings implied by the `metric-store` section of a cc-backend config.json (SPEC §7).
 
@@ -512,7 +597,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     origins: dict[str, str] = {}
     token = _ORIGINS.set(origins)
     try:
-        return Settings(**given)
+        settings = Settings(**given)
     except SettingsError as exc:  # an env value that must be JSON (CCARCHIVE_ROUTES) is not
         raise ConfigError(_settings_error(exc)) from None
     except ValidationError as exc:
@@ -535,6 +620,9 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         ) from None
     finally:
         _ORIGINS.reset(token)
+    if settings.cc_backend_config:
+        warn_about_cleanup(settings.cc_backend_config)
+    return settings
 
 
 def _settings_error(exc: SettingsError) -> str:

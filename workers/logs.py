@@ -8,7 +8,9 @@ such a handler on the root logger, so lines from any library carry the context t
     2026-03-20T10:15:02Z INFO workers.steps run=1742... cluster=fritz host=f0101: bad checkpoint ...
 
 The steps are wrapped with `step_context`, which takes the context from their arguments,
-so the steps themselves never deal with logging configuration.
+so the steps themselves never deal with logging configuration. In Celery workers every
+task gets its context the same way, from its arguments (or the cluster report it carries),
+for the whole task: `install_celery` connects `task_prerun`/`task_postrun`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from types import MappingProxyType
 from typing import Any, ParamSpec, TextIO, TypeVar
 
@@ -148,11 +150,64 @@ def step_context(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _shown(value: str) -> str:
+    """A name from a message as it may appear in a log line: never a line break or a space
+    that could forge or split a line (quoted and escaped then), never very long."""
+    shown = value if value.isprintable() and " " not in value else ascii(value)
+    return shown if len(shown) <= 200 else shown[:200] + "..."
+
+
+def arguments_context(
+    fn: Callable[..., Any], args: Any, kwargs: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """run_id, cluster and host from a call's arguments, else from a `report` argument (a
+    cluster report as a dict, which the per-cluster Celery tasks carry)."""
+    try:
+        bound = inspect.signature(fn).bind_partial(*(args or ()), **(kwargs or {})).arguments
+    except (TypeError, ValueError):  # a message that does not fit the task: no context
+        return {}
+    report = bound.get("report")
+    found: dict[str, str] = {}
+    for name in FIELDS:
+        value = bound.get(name)
+        if value is None and isinstance(report, Mapping):
+            value = report.get(name)
+        if isinstance(value, str) and value:
+            found[name] = _shown(value)
+    return found
+
+
+#: Context tokens of the tasks running in this process, by task id (prerun -> postrun).
+_TASK_TOKENS: dict[str, Token[Mapping[str, str]]] = {}
+
+
+def _task_started(
+    task_id: str | None = None,
+    task: Any = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_kwargs: Any,
+) -> None:
+    """task_prerun: the task's own context, for every line until it ends."""
+    fields = arguments_context(getattr(task, "run", None) or (lambda: None), args, kwargs)
+    _TASK_TOKENS[task_id or ""] = _CONTEXT.set(MappingProxyType(fields))
+
+
+def _task_ended(task_id: str | None = None, **_kwargs: Any) -> None:
+    """task_postrun: back to the worker's context."""
+    token = _TASK_TOKENS.pop(task_id or "", None)
+    if token is not None:
+        try:
+            _CONTEXT.reset(token)
+        except ValueError:  # set in another context (a pool that moved the task): drop it
+            _CONTEXT.set(_EMPTY)
+
+
 def install_celery() -> None:
     """In Celery workers: add the context filter and format to the handlers Celery sets up.
 
     Celery configures logging itself (`--loglevel`, `--logfile`); this keeps that and only
-    makes every line carry run, cluster and host.
+    makes every line carry run, cluster and host, which each task takes from its arguments.
     """
     from celery import signals  # deferred: the embedded runner never imports Celery
 
@@ -166,11 +221,14 @@ def install_celery() -> None:
     signals.after_setup_task_logger.connect(
         _annotate, weak=False, dispatch_uid="ccarchive-task-logs"
     )
+    signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="ccarchive-logs")
+    signals.task_postrun.connect(_task_ended, weak=False, dispatch_uid="ccarchive-logs")
 
 
 __all__ = [
     "FIELDS",
     "ContextFilter",
+    "arguments_context",
     "current_context",
     "ensure_logging",
     "install_celery",

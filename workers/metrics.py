@@ -14,9 +14,20 @@ Exposed (all labelled `cluster`): `ccarchive_rows_archived_total`,
 (histogram), `ccarchive_last_run_timestamp_seconds` and
 `ccarchive_last_success_timestamp_seconds`.
 
+Per cluster, the last run also as gauges (the same in both places, so one set of alert
+rules serves both): `ccarchive_last_run_outcome` (1 for the outcome of the last run, 0 for
+the others), `ccarchive_last_run_bad_files`, `_rows`, `_files_deleted`, `_bytes_written`,
+`_duration_seconds`.
+
 Prefork Celery workers run tasks in child processes: set PROMETHEUS_MULTIPROC_DIR (an
 empty directory) in the worker's environment and the endpoint aggregates all children
 (prometheus_client's multiprocess mode). See docs/operations.md.
+
+The textfile (`metrics_textfile`, for node_exporter) is for one-shot runs and is not this
+process's registry: each write reads the previous file, adds this process's counts to its
+counters (so they grow from run to run, as Prometheus expects of a counter), replaces the
+gauges of the clusters this process ran and keeps every other cluster's series. No
+process, platform or GC series (node_exporter has its own) and no histogram.
 """
 
 from __future__ import annotations
@@ -85,35 +96,231 @@ LAST_SUCCESS = Gauge(
     multiprocess_mode="max",
 )
 
+#: Outcomes of a cluster's run (ops.run_outcome, plus `interrupted` from the runner).
+OUTCOMES = ("ok", "reported", "error", "interrupted")
+#: Outcomes that count as a success: kept bad input is reported, not a failure.
+SUCCESSES = ("ok", "reported")
+
+_LAST = {  # name -> help: per cluster, about its last run
+    "ccarchive_last_run_bad_files": "Inputs reported and kept by a cluster's last run",
+    "ccarchive_last_run_rows": "Rows archived by a cluster's last run",
+    "ccarchive_last_run_files_deleted": "Checkpoint files deleted by a cluster's last run",
+    "ccarchive_last_run_bytes_written": "Bytes of archives published by a cluster's last run",
+    "ccarchive_last_run_duration_seconds": "Wall-clock seconds of a cluster's last run",
+}
+# "mostrecent": in multiprocess mode the value of the process that set it last.
+LAST_GAUGES = {
+    name: Gauge(name, text, ["cluster"], multiprocess_mode="mostrecent")
+    for name, text in _LAST.items()
+}
+LAST_OUTCOME = Gauge(
+    "ccarchive_last_run_outcome",
+    "1 for the outcome of a cluster's last run, 0 for the other outcomes",
+    ["cluster", "outcome"],
+    multiprocess_mode="mostrecent",
+)
+
 _lock = threading.Lock()
 _server: tuple[Any, threading.Thread, str, int] | None = None
 _textfile: str | None = None
 
 
-def observe_cluster(report: ClusterReport, now: float | None = None) -> None:
-    """Count one finished cluster run (the embedded runner's `_finish`, Celery's last task)."""
+def observe_cluster(
+    report: ClusterReport, now: float | None = None, result: str | None = None
+) -> None:
+    """Count one finished cluster run (the embedded runner's `_finish`, Celery's last task).
+
+    `result` overrides the outcome the report implies (`interrupted`).
+    """
     cluster = report.cluster
-    if report.bytes_written:
-        # Only a newly written archive adds rows: a re-run that finds its own archive
-        # already published (bytes_written 0) counted them the first time.
-        ROWS_ARCHIVED.labels(cluster).inc(report.rows)
-        BYTES_WRITTEN.labels(cluster).inc(report.bytes_written)
-    FILES_ARCHIVED.labels(cluster).inc(report.files_archived)  # 0 in delete mode
-    FILES_DELETED.labels(cluster).inc(report.files_deleted)
-    BAD_FILES.labels(cluster).inc(len(report.bad))
-    _observe_run(cluster, outcome(report), report.seconds, now)
-    _write_textfile()
-
-
-def _observe_run(cluster: str, result: str, seconds: float, now: float | None) -> None:
+    result = result or outcome(report)
     ended = time.time() if now is None else now
+    # Only a newly written archive adds rows: a re-run that finds its own archive already
+    # published (bytes_written 0) counted them the first time.
+    rows = report.rows if report.bytes_written else 0
+    counts = {
+        "ccarchive_rows_archived_total": rows,
+        "ccarchive_bytes_written_total": report.bytes_written,
+        "ccarchive_files_archived_total": report.files_archived,  # 0 in delete mode
+        "ccarchive_files_deleted_total": report.files_deleted,
+        "ccarchive_bad_files_total": len(report.bad),
+    }
+    last = {
+        "ccarchive_last_run_bad_files": len(report.bad),
+        "ccarchive_last_run_rows": rows,
+        "ccarchive_last_run_files_deleted": report.files_deleted,
+        "ccarchive_last_run_bytes_written": report.bytes_written,
+        "ccarchive_last_run_duration_seconds": report.seconds,
+        "ccarchive_last_run_timestamp_seconds": ended,
+    }
+    for counter, name in (
+        (ROWS_ARCHIVED, "ccarchive_rows_archived_total"),
+        (BYTES_WRITTEN, "ccarchive_bytes_written_total"),
+        (FILES_ARCHIVED, "ccarchive_files_archived_total"),
+        (FILES_DELETED, "ccarchive_files_deleted_total"),
+        (BAD_FILES, "ccarchive_bad_files_total"),
+    ):
+        counter.labels(cluster).inc(counts[name])
     RUNS.labels(cluster, result).inc()
-    RUN_DURATION.labels(cluster).observe(seconds)
+    RUN_DURATION.labels(cluster).observe(report.seconds)
     LAST_RUN.labels(cluster).set(ended)
-    if result != "error":
+    for name, gauge in LAST_GAUGES.items():
+        gauge.labels(cluster).set(last[name])
+    for o in OUTCOMES:
+        LAST_OUTCOME.labels(cluster, o).set(1 if o == result else 0)
+    if result in SUCCESSES:
         # A permanently bad file is reported on every run; it must not make an alert on
         # "no successful run" fire while everything else is archived.
         LAST_SUCCESS.labels(cluster).set(ended)
+        last["ccarchive_last_success_timestamp_seconds"] = ended
+    if _textfile:
+        with _lock:
+            _pending.add(cluster, result, counts, last)
+        _write_textfile()
+
+
+# --- the textfile ---------------------------------------------------------------------------
+
+#: What the textfile holds: family name -> (type, help, label names). Series of any other
+#: name in a previous file (an older version's process_* or histogram) are dropped.
+TEXTFILE_FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "ccarchive_runs": ("counter", "Runs of a cluster, by outcome", ("cluster", "outcome")),
+    "ccarchive_rows_archived": ("counter", "Rows in newly published archives", ("cluster",)),
+    "ccarchive_files_archived": (
+        "counter",
+        "Checkpoint files whose rows were archived",
+        ("cluster",),
+    ),
+    "ccarchive_files_deleted": ("counter", "Checkpoint files deleted", ("cluster",)),
+    "ccarchive_bytes_written": ("counter", "Bytes of newly published archives", ("cluster",)),
+    "ccarchive_bad_files": ("counter", "Inputs reported and kept", ("cluster",)),
+    "ccarchive_last_run_timestamp_seconds": (
+        "gauge",
+        "Unix time a cluster's last run ended",
+        ("cluster",),
+    ),
+    "ccarchive_last_success_timestamp_seconds": (
+        "gauge",
+        "Unix time a cluster's last run without errors ended (kept bad files do not count)",
+        ("cluster",),
+    ),
+    "ccarchive_last_run_outcome": (
+        "gauge",
+        "1 for the outcome of a cluster's last run, 0 for the other outcomes",
+        ("cluster", "outcome"),
+    ),
+    **{name: ("gauge", text, ("cluster",)) for name, text in _LAST.items()},
+}
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (sample, labels) -> value
+
+
+def _sample_name(family: str) -> str:
+    return f"{family}_total" if TEXTFILE_FAMILIES[family][0] == "counter" else family
+
+
+class _Pending:
+    """What this process observed and has not yet written to the textfile."""
+
+    def __init__(self) -> None:
+        self.add_to: Series = {}  # counters: increments
+        self.set_to: Series = {}  # gauges: values
+
+    def add(
+        self,
+        cluster: str,
+        result: str,
+        counts: Mapping[str, float],
+        last: Mapping[str, float],
+    ) -> None:
+        """One cluster's run."""
+        key = (("cluster", cluster),)
+        runs = ("ccarchive_runs_total", (("cluster", cluster), ("outcome", result)))
+        self.add_to[runs] = self.add_to.get(runs, 0.0) + 1
+        for counter, n in counts.items():
+            self.add_to[counter, key] = self.add_to.get((counter, key), 0.0) + n
+        for gauge, v in last.items():
+            self.set_to[gauge, key] = float(v)
+        for o in OUTCOMES:
+            labels = (("cluster", cluster), ("outcome", o))
+            self.set_to["ccarchive_last_run_outcome", labels] = 1.0 if o == result else 0.0
+
+    def clear(self) -> None:
+        """Everything was written."""
+        self.add_to.clear()
+        self.set_to.clear()
+
+
+_pending = _Pending()
+
+
+def read_textfile(path: str) -> Series:
+    """The ccarchive series of a textfile this module wrote ({} if there is none).
+
+    Raises ValueError if the file is not in the Prometheus text format.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return {}
+    known = {_sample_name(name) for name in TEXTFILE_FAMILIES}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): float(s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name in known
+    }
+
+
+class _SeriesCollector:
+    """Hands a fixed set of series to `write_to_textfile`, with their types and help."""
+
+    def __init__(self, series: Series) -> None:
+        self.series = series
+
+    def collect(self) -> Any:
+        """One metric family per name in TEXTFILE_FAMILIES that has a series."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for name, (kind, text, labels) in TEXTFILE_FAMILIES.items():
+            sample = _sample_name(name)
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                name, text, labels=list(labels)
+            )
+            found = sorted((k[1], v) for k, v in self.series.items() if k[0] == sample)
+            for label_pairs, v in found:
+                values = dict(label_pairs)
+                family.add_metric([values.get(label, "") for label in labels], v)
+            if found:
+                yield family
+
+
+def _write_textfile() -> None:
+    """Merge what this process observed into the textfile (see the module's doc)."""
+    if not _textfile:
+        return
+    with _lock:
+        try:
+            previous = read_textfile(_textfile)
+        except (OSError, ValueError) as exc:
+            # Unreadable: start the counters over rather than never write again.
+            log.warning("cannot read metrics textfile %s, starting anew: %s", _textfile, exc)
+            previous = {}
+        merged = dict(previous)
+        for key, n in _pending.add_to.items():
+            merged[key] = merged.get(key, 0.0) + n
+        merged.update(_pending.set_to)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_SeriesCollector(merged))  # type: ignore[arg-type]
+        try:
+            write_to_textfile(_textfile, registry)  # a temporary file, then renamed
+        except OSError as exc:
+            log.warning("cannot write metrics to %s: %s", _textfile, exc)
+            return  # kept: the next write adds it
+        _pending.clear()
 
 
 def _registry() -> CollectorRegistry:
@@ -174,20 +381,12 @@ def stop() -> None:
 
 
 def set_textfile(path: str | None) -> None:
-    """Also write all metrics to `path` after every cluster (node_exporter's textfile
-    collector: the right tool for one-shot runs whose endpoint lives only as long as they do).
+    """Also write the metrics to `path` after every cluster (node_exporter's textfile
+    collector: the right tool for one-shot runs whose endpoint lives only as long as they
+    do); see the module's doc for what it holds.
     """
     global _textfile
     _textfile = path
-
-
-def _write_textfile() -> None:
-    if not _textfile:
-        return
-    try:
-        write_to_textfile(_textfile, _registry())  # writes a temporary file, then renames
-    except OSError as exc:
-        log.warning("cannot write metrics to %s: %s", _textfile, exc)
 
 
 def configure(settings: Any) -> Endpoint | None:
@@ -264,6 +463,7 @@ __all__ = [
     "observe_cluster",
     "observe_task_result",
     "outcome",
+    "read_textfile",
     "serve",
     "set_textfile",
     "stop",

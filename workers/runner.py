@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ class RunOptions:
     clusters: list[str] | None = None  # restrict to these clusters
     grace_seconds: float = recovery.DEFAULT_GRACE_SECONDS  # age of orphans safe to remove
     run_log: str | None = None  # where run records go (ops.record_run); None: none
+    run_log_keep: int = ops.DEFAULT_KEEP_RECORDS  # records kept per cluster ...
+    run_log_max_age: float = ops.DEFAULT_MAX_RECORD_AGE  # ... none older (seconds)
 
 
 #: A unique, sortable id for one run (`staging.new_run_id`; its staging directory's name).
@@ -254,12 +256,17 @@ class _ClusterState:
     mode: str = "archive"
     run_log: str | None = None
     feed: _HostFeed | None = None  # set when finalize runs behind the loads
+    done: bool = False  # `_finish` ran: the cluster's end record is written
+    keep: int = ops.DEFAULT_KEEP_RECORDS
+    max_age: float = ops.DEFAULT_MAX_RECORD_AGE
 
 
 def run(options: RunOptions, progress: ProgressFn | None = None) -> list[ClusterReport]:
     """Archive (or delete) everything the cutoff selects; one report per cluster."""
     notify = progress or (lambda _event, _cluster, _detail: None)
     run_id = new_run_id(options.cutoff)
+    # An unwritable default (a service user whose home is /) is one warning, not one per cluster.
+    options = replace(options, run_log=ops.usable_run_log(options.run_log))
     archiving = options.mode == "archive"
     if archiving:
         roots.check_roots(options.checkpoints, options.archive, options.staging)
@@ -299,6 +306,7 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
     # A thread per cluster writes its archive while its hosts load (see the module's doc).
     streaming = options.workers > 1 and options.mode == "archive" and busy > 0
     finalizers: list[threading.Thread] = []
+    stopped: BaseException | None = None
     try:
         if archiving and staging_url:
             recovery.sweep_staging(
@@ -406,6 +414,9 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
                             state.deletes_left -= 1
                             if state.deletes_left == 0:
                                 _finish(state, started, notify, staging_url)
+    except BaseException as exc:
+        stopped = exc
+        raise
     finally:
         # Stop finalize threads still waiting for hosts, and let any that is publishing
         # finish, before the locks go.
@@ -414,6 +425,10 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
                 state.feed.cancel()
         for thread in finalizers:
             thread.join()
+        if stopped is not None:
+            for state in states.values():
+                if state.lock is not None and not state.done:
+                    _record_stopped(state, started, stopped)
         for state in states.values():
             if state.lock is not None:
                 state.lock.release()
@@ -424,6 +439,23 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
             with suppress(OSError):  # it is marked: a later run's sweep removes it
                 staging.remove_run(staging_url, run_id)
     return [state.report for state in [*states.values(), *refused]]
+
+
+def _record_stopped(state: _ClusterState, started: float, exc: BaseException) -> None:
+    """The end record of a cluster the run left midway: `interrupted` for a signal (or
+    Ctrl-C), `error` for anything else. Files not yet archived stay for the next run."""
+    report = state.report
+    report.seconds = time.perf_counter() - started
+    signalled = isinstance(exc, Interrupted | KeyboardInterrupt)
+    if isinstance(exc, KeyboardInterrupt):
+        report.errors.append("interrupted by SIGINT")
+    else:
+        report.errors.append(str(exc) if isinstance(exc, Interrupted) else _error(exc))
+    outcome = "interrupted" if signalled else "error"
+    ops.record_run(
+        state.run_log, report, state.mode, outcome=outcome, keep=state.keep, max_age=state.max_age
+    )
+    metrics.observe_cluster(report, result=outcome)
 
 
 def _refused_report(plan: steps.ClusterPlan, cutoff: int, run_id: str) -> ClusterReport:
@@ -474,7 +506,12 @@ def _hosts_with_files(
 def _prepare(plan: steps.ClusterPlan, report: ClusterReport, options: RunOptions) -> _ClusterState:
     """Lock the cluster and run recovery; a cluster that cannot be locked is skipped."""
     state = _ClusterState(
-        report, hosts_left=len(plan.hosts), mode=options.mode, run_log=options.run_log
+        report,
+        hosts_left=len(plan.hosts),
+        mode=options.mode,
+        run_log=options.run_log,
+        keep=options.run_log_keep,
+        max_age=options.run_log_max_age,
     )
     lock = DirectoryLock(Path(options.checkpoints) / plan.cluster)
     try:
@@ -500,6 +537,8 @@ def _prepare(plan: steps.ClusterPlan, report: ClusterReport, options: RunOptions
         report.bad.extend(found.kept)
         state.exclude = found.exclude
     state.lock = lock
+    # Replaced by the end record; left alone by a SIGKILL, so `status` shows `unfinished`.
+    ops.record_start(state.run_log, report, options.mode)
     return state
 
 
@@ -568,6 +607,8 @@ def _finish(
     report.seconds = time.perf_counter() - started
     if state.lock is not None:
         state.lock.release()
-    ops.record_run(state.run_log, report, state.mode)  # for `ccarchive status`; never raises
+    state.done = True
+    # For `ccarchive status`; never raises.
+    ops.record_run(state.run_log, report, state.mode, keep=state.keep, max_age=state.max_age)
     metrics.observe_cluster(report)
     notify("done", report.cluster, {"ok": report.ok})

@@ -720,7 +720,14 @@ def _close(report: ClusterReport, started: float, mode: str) -> dict[str, Any]:
     """Time a cluster's report, log and record it (`ccarchive status`), return it as a dict."""
     report.seconds = max(0.0, time.time() - started)
     data = report.to_dict()
-    ops.record_run(settings().run_log, report, mode)  # never raises
+    config = settings()
+    ops.record_run(  # never raises
+        config.run_log,
+        report,
+        mode,
+        keep=config.run_log_keep,
+        max_age=config.run_log_max_age_seconds,
+    )
     try:
         pipe = _redis().pipeline()
         pipe.lpush(REPORTS_KEY, json.dumps(data))
