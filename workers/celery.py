@@ -7,6 +7,7 @@ The CLI's `--broker` path builds its own app with `make_app` instead.
 
 from __future__ import annotations
 
+import logging
 import sys
 from datetime import timedelta
 from functools import partial
@@ -16,12 +17,20 @@ from celery import Celery
 from celery.backends.redis import RedisBackend
 from celery.beat import PersistentScheduler
 from celery.beat import logger as beat_log
-from celery.signals import worker_init, worker_process_init
+from celery.signals import beat_init, worker_init, worker_process_init
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import logs, metrics
-from .config import ConfigError, Settings, load_settings, mask_url, parse_duration
+from .config import (
+    ConfigError,
+    Settings,
+    Unreachable,
+    check_reachable,
+    load_settings,
+    mask_url,
+    parse_duration,
+)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -64,6 +73,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": {
             "visibility_timeout": parse_duration(settings.visibility_timeout)
         },
+        # A TCP connect that gets no answer fails after CCARCHIVE_CONNECT_TIMEOUT (and is
+        # retried as configured below) instead of hanging on the kernel's own timeout.
+        "redis_socket_connect_timeout": settings.connect_seconds,
         # With late acks, a lost broker connection means the running tasks will be delivered
         # again (after the visibility timeout). Celery 6 will cancel them by default; not
         # here. Cancelling records the task as a retry in the result backend, which is the
@@ -124,6 +136,7 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     timeout = parse_duration(settings.visibility_timeout)
     interval = max(1.0, min(10.0, timeout / 40))
     return {
+        "socket_connect_timeout": settings.connect_seconds,
         "visibility_timeout": timeout,
         "unacked_restore_interval": interval,
         "unacked_restore_throttle": max(1, min(10, int(timeout / (4 * interval)))),
@@ -246,6 +259,31 @@ app = _app_or_exit()
 metrics.install_celery()
 # Every log line of a task carries its cluster, host and run id.
 logs.install_celery()
+
+
+@worker_init.connect
+@beat_init.connect
+def _check_broker(sender: Any = None, **_: Any) -> None:
+    """At start, a Redis that cannot answer (no TLS handshake, wrong password, certificate
+    refused) is one `ccarchive: error:` line and exit 2: kombu would wait or retry silently.
+
+    A refused connection (Redis down, or still starting: docker compose) is a warning, and
+    Celery keeps retrying as `broker_connection_retry_on_startup` says.
+    """
+    settings = load_settings()
+    for url, what in ((settings.broker_url, "broker"), (settings.results_url, "result backend")):
+        try:
+            # One attempt: Celery has its own retries for a Redis that is down.
+            check_reachable(url, settings, what, retry=False)
+        except Unreachable as exc:
+            if exc.transient:
+                logging.getLogger(__name__).warning("ccarchive: %s; retrying", exc)
+                return
+            # sys.__stderr__: Celery has redirected sys.stderr into its logger by now.
+            print(f"ccarchive: error: {exc}", file=sys.__stderr__ or sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        if settings.results_url == settings.broker_url:
+            return
 
 
 @worker_init.connect  # the solo pool runs tasks in the main process

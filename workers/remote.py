@@ -22,7 +22,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from .config import Settings, mask_url, redis_client
+from .config import Settings, Unreachable, check_reachable, mask_url, redis_client
 from .manifest import ClusterReport
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,14 @@ def submit(
     from .celery import make_app  # deferred: importing Celery costs a few hundred ms
 
     notify = progress or (lambda _event, _cluster, _detail: None)
+    # Before Celery: kombu would retry a refused connection for many seconds and wait
+    # forever on a TLS handshake with a plaintext server. One bounded PING says why.
+    try:
+        check_reachable(settings.broker_url, settings, "broker")
+        if settings.results_url != settings.broker_url:
+            check_reachable(settings.results_url, settings, "result backend")
+    except Unreachable as exc:
+        raise RemoteError(str(exc)) from None
     app = make_app(settings)
     try:
         try:
