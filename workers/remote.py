@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,7 +202,10 @@ def needed_queues(settings: Settings) -> list[str]:
 
 
 def queues_without_worker(
-    app: Any, queues: list[str], timeout: float = QUEUE_CHECK_SECONDS, own: set[str] = frozenset()
+    app: Any,
+    queues: list[str],
+    timeout: float = QUEUE_CHECK_SECONDS,
+    own: AbstractSet[str] = frozenset(),
 ) -> list[str]:
     """The queues among `queues` that no running worker consumes, in their order.
 
