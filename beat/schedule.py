@@ -27,6 +27,28 @@ IDLE_WARNING = (
 )
 
 
+#: The Redis key (on the broker's Redis) naming the one beat allowed to schedule.
+LEASE_KEY = "ccarchive:beat"
+#: The lease lasts this many beat ticks (`--max-interval`), renewed at every tick: a beat
+#: that died is replaced by a waiting one after at most that long.
+LEASE_TICKS = 3
+
+#: Take the lease if it is free or ours (and renew it); returns the holder afterwards.
+LEASE_SCRIPT = """
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+return v
+"""
+#: Give the lease back, only if ours (a clean stop: a waiting beat takes over at once).
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def idle_reason(settings: Settings) -> str | None:
     """Why beat would never fire with these settings, or None if it schedules a run."""
     return None if settings.retention else IDLE_WARNING
@@ -52,4 +74,14 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
-__all__ = ["ENTRY", "IDLE_WARNING", "PLAN_TASK", "beat_schedule", "idle_reason"]
+__all__ = [
+    "ENTRY",
+    "IDLE_WARNING",
+    "LEASE_KEY",
+    "LEASE_SCRIPT",
+    "LEASE_TICKS",
+    "PLAN_TASK",
+    "RELEASE_SCRIPT",
+    "beat_schedule",
+    "idle_reason",
+]

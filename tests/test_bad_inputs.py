@@ -105,6 +105,24 @@ CATALOGUE: dict[str, Case] = {
     "query-bad-time": Case(["query", "--archive", "{tmp}", "--from", "yesterday-ish"]),
     "query-negative-limit": Case(["query", "--archive", "{tmp}", "--limit", "-1"]),
     "query-bad-routes": Case(["query", "--archive", "{tmp}"], env=BAD_ROUTES),
+    # plan
+    "plan-no-checkpoints": Case(["plan", "--checkpoints", "{tmp}/none", "--cutoff", CUTOFF]),
+    "plan-bad-retention": Case(
+        ["plan", "--checkpoints", "{cp}", "--archive", "{tmp}/a"], env=BAD_RETENTION
+    ),
+    "plan-unknown-cluster": Case(
+        [
+            "plan",
+            "--checkpoints",
+            "{cp}",
+            "--archive",
+            "{tmp}/a",
+            "--cutoff",
+            CUTOFF,
+            "--cluster",
+            "fritzz",
+        ]
+    ),
     # Celery entry points: the app is built from the environment when it is imported
     "worker-bad-retention": Case(["worker", "--pool", "solo"], env=BAD_RETENTION, celery=True),
     "worker-bad-routes": Case(["worker", "--pool", "solo"], env=BAD_ROUTES, celery=True),

@@ -7,7 +7,12 @@ The CLI's `--broker` path builds its own app with `make_app` instead.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import sys
+import uuid
+from contextlib import suppress
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -16,12 +21,25 @@ from celery import Celery
 from celery.backends.redis import RedisBackend
 from celery.beat import PersistentScheduler
 from celery.beat import logger as beat_log
-from celery.signals import worker_init, worker_process_init
+from celery.signals import beat_init, worker_init, worker_process_init
+from redis import RedisError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import logs, metrics
-from .config import ConfigError, Settings, load_settings, mask_url, parse_duration
+from .config import (
+    ConfigError,
+    Settings,
+    Unreachable,
+    check_reachable,
+    load_settings,
+    mask_url,
+    parse_duration,
+    redis_client,
+)
+
+#: What an unreachable Redis raises (redis-py, or the socket underneath).
+_REDIS_ERRORS = (RedisError, OSError)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -64,6 +82,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": {
             "visibility_timeout": parse_duration(settings.visibility_timeout)
         },
+        # A TCP connect that gets no answer fails after CCARCHIVE_CONNECT_TIMEOUT (and is
+        # retried as configured below) instead of hanging on the kernel's own timeout.
+        "redis_socket_connect_timeout": settings.connect_seconds,
         # With late acks, a lost broker connection means the running tasks will be delivered
         # again (after the visibility timeout). Celery 6 will cancel them by default; not
         # here. Cancelling records the task as a retry in the result backend, which is the
@@ -124,6 +145,7 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     timeout = parse_duration(settings.visibility_timeout)
     interval = max(1.0, min(10.0, timeout / 40))
     return {
+        "socket_connect_timeout": settings.connect_seconds,
         "visibility_timeout": timeout,
         "unacked_restore_interval": interval,
         "unacked_restore_throttle": max(1, min(10, int(timeout / (4 * interval)))),
@@ -171,11 +193,21 @@ class RedisResults(RedisBackend):
 
 
 class ArchiveScheduler(PersistentScheduler):
-    """Celery's default scheduler, loud when it has nothing to schedule.
+    """Celery's default scheduler, loud when it has nothing to schedule, and only one.
 
     Beat without a retention would otherwise log its banner and never fire: a warning at
-    start (`setup_schedule`) and at every tick, naming the setting to give.
+    start (`setup_schedule`) and at every tick, naming the setting to give. Two beats
+    started by mistake would both fire (every run then finds the other's clusters locked):
+    each tick takes or renews a lease in Redis (`ccarchive:beat`, SET NX PX with this
+    beat's id); a beat that finds it held by another schedules nothing, logs an ERROR at
+    every tick, and takes over when the lease expires (the other beat stopped or died).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.beat_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease_client: Any = None
+        self._holding = False
+        super().__init__(*args, **kwargs)
 
     def setup_schedule(self) -> None:
         """Celery's set-up, then the warning if no run is scheduled."""
@@ -183,9 +215,58 @@ class ArchiveScheduler(PersistentScheduler):
         self._warn_if_idle()
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        """One beat tick; warns again while no run is scheduled."""
+        """One beat tick; warns again while no run is scheduled, and fires nothing
+        while another beat holds the lease."""
         self._warn_if_idle()
-        return float(super().tick(*args, **kwargs))
+        if self._is_idle() or self._lease():
+            return float(super().tick(*args, **kwargs))
+        return float(self.max_interval)
+
+    def close(self) -> None:
+        """Celery's shutdown, and the lease given back so a waiting beat takes over."""
+        from beat.schedule import LEASE_KEY, RELEASE_SCRIPT
+
+        if self._holding and self._lease_client is not None:
+            with suppress(*_REDIS_ERRORS):
+                self._lease_client.eval(RELEASE_SCRIPT, 1, LEASE_KEY, self.beat_id)
+        super().close()
+
+    def _lease(self) -> bool:
+        """Take or renew the lease; False (and an ERROR line) if another beat holds it."""
+        from beat.schedule import LEASE_KEY, LEASE_SCRIPT, LEASE_TICKS
+
+        ttl_ms = int(LEASE_TICKS * float(self.max_interval) * 1000)
+        try:
+            if self._lease_client is None:
+                settings = load_settings()
+                self._lease_client = redis_client(
+                    settings.broker_url, settings, settings.connect_seconds
+                )
+            holder = self._lease_client.eval(LEASE_SCRIPT, 1, LEASE_KEY, self.beat_id, ttl_ms)
+        except _REDIS_ERRORS as exc:
+            beat_log.error("ccarchive beat: cannot check the beat lease (%s): not scheduling", exc)
+            self._holding = False
+            return False
+        holder = holder.decode() if isinstance(holder, bytes) else str(holder)
+        if holder != self.beat_id:
+            beat_log.error(
+                "ccarchive beat: another beat (%s) holds %s: this one (%s) schedules "
+                "nothing; run exactly one beat (it takes over when that lease expires)",
+                holder,
+                LEASE_KEY,
+                self.beat_id,
+            )
+            self._holding = False
+            return False
+        if not self._holding:
+            beat_log.info("ccarchive beat: %s holds %s; scheduling", self.beat_id, LEASE_KEY)
+        self._holding = True
+        return True
+
+    def _is_idle(self) -> bool:
+        from beat.schedule import ENTRY
+
+        return ENTRY not in self.app.conf.beat_schedule
 
     def _warn_if_idle(self) -> None:
         from beat.schedule import ENTRY, IDLE_WARNING
@@ -246,6 +327,31 @@ app = _app_or_exit()
 metrics.install_celery()
 # Every log line of a task carries its cluster, host and run id.
 logs.install_celery()
+
+
+@worker_init.connect
+@beat_init.connect
+def _check_broker(sender: Any = None, **_: Any) -> None:
+    """At start, a Redis that cannot answer (no TLS handshake, wrong password, certificate
+    refused) is one `ccarchive: error:` line and exit 2: kombu would wait or retry silently.
+
+    A refused connection (Redis down, or still starting: docker compose) is a warning, and
+    Celery keeps retrying as `broker_connection_retry_on_startup` says.
+    """
+    settings = load_settings()
+    for url, what in ((settings.broker_url, "broker"), (settings.results_url, "result backend")):
+        try:
+            # One attempt: Celery has its own retries for a Redis that is down.
+            check_reachable(url, settings, what, retry=False)
+        except Unreachable as exc:
+            if exc.transient:
+                logging.getLogger(__name__).warning("ccarchive: %s; retrying", exc)
+                return
+            # sys.__stderr__: Celery has redirected sys.stderr into its logger by now.
+            print(f"ccarchive: error: {exc}", file=sys.__stderr__ or sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        if settings.results_url == settings.broker_url:
+            return
 
 
 @worker_init.connect  # the solo pool runs tasks in the main process

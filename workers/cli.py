@@ -129,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         help="processes writing hosts (default: all cores)",
     )
     _add_ops_parsers(sub)
+    _add_plan_parser(sub)
     parser.epilog = f"Example:\n  {EXAMPLES['archive']}\n\n{EXIT_CODES}"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     for name, command in sub.choices.items():
@@ -145,6 +146,8 @@ EXAMPLES = {
     "inspect": "ccarchive inspect /srv/metric-archive/fritz/1742292902.parquet",
     "query": "ccarchive query --archive /srv/metric-archive --host f0101 --metric cpu_load "
     "--from 2026-03-01",
+    "plan": "ccarchive plan --checkpoints /var/lib/cc-metric-store/checkpoints \\\n"
+    "      --archive /srv/metric-archive --retention 48h",
 }
 
 EXIT_CODES = """Exit codes:
@@ -893,7 +896,74 @@ def _query_table(plan: Any, limit: int | None, explicit: bool = False) -> int:
     return EXIT_OK
 
 
+def _add_plan_parser(sub: Any) -> None:
+    plan = sub.add_parser(
+        "plan", help="what the next archive run would take and keep; writes and deletes nothing"
+    )
+    plan.add_argument("--checkpoints", metavar="DIR", help="checkpoint root")
+    plan.add_argument("--archive", metavar="DIR|URL", help="the archive root (read only)")
+    when = plan.add_mutually_exclusive_group()
+    when.add_argument("--cutoff", metavar="UNIX_TS", type=int, help="files with ts <= this")
+    when.add_argument("--retention", metavar="DURATION", help="cutoff = now - DURATION")
+    plan.add_argument("--mode", choices=("archive", "delete"), help="the run's mode")
+    plan.add_argument(
+        "--cluster", action="append", metavar="NAME", help="only this cluster (repeatable)"
+    )
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_config_options(plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per cluster: files, bytes and estimated rows the next run would take, what it would
+    keep and why; nothing is written or deleted and no pool is started."""
+    import json
+
+    from .dryrun import outlook
+
+    settings = _settings(
+        {
+            "checkpoints": args.checkpoints,
+            "archive": args.archive,
+            "mode": args.mode,
+            "config": args.config,
+            "cc_backend_config": args.cc_backend_config,
+        }
+    )
+    from .config import configure_storage
+
+    configure_storage(settings)
+    if not settings.checkpoints:
+        raise UsageError("give --checkpoints DIR (or set CCARCHIVE_CHECKPOINTS)")
+    if not Path(settings.checkpoints).is_dir():
+        raise UsageError(f"checkpoint directory {settings.checkpoints} does not exist")
+    if settings.mode == "archive" and not settings.archive:
+        raise UsageError("give --archive DIR|URL (or set CCARCHIVE_ARCHIVE)")
+    cutoff = _cutoff(args, settings)
+    _check_clusters(settings.checkpoints, args.cluster)
+    views = outlook(settings.checkpoints, settings.archive, cutoff, settings.mode, args.cluster)
+    reported = any(v.kept or v.skipped for v in views)
+    if args.json:
+        doc = {"cutoff": cutoff, "mode": settings.mode, "clusters": [v.to_dict() for v in views]}
+        print(json.dumps(doc, indent=2))
+        return EXIT_REPORTED if reported else EXIT_OK
+    verb = "archive" if settings.mode == "archive" else "delete"
+    print(f"plan (nothing written or deleted): {verb} up to cutoff {_when(cutoff)}")
+    print(f"{'cluster':<16} {'hosts':>6} {'files':>8} {'bytes':>15} {'rows (est.)':>14}")
+    for v in views:
+        print(f"{v.cluster:<16} {v.hosts:>6} {v.files:>8} {v.bytes:>15,} {v.rows_estimate:>14,}")
+    for v in views:
+        if v.skipped:
+            print(f"{v.cluster}: skipped: {v.skipped}")
+        for line in v.recovered:
+            print(f"{v.cluster}: not archived again, recovery deletes it: {line}")
+        for bad in v.kept:
+            print(f"{v.cluster}: kept: {bad.path}: {bad.reason}")
+    print("rows (est.): from file sizes, binary bytes/4 and JSON bytes/5 (docs/operations.md)")
+    return EXIT_REPORTED if reported else EXIT_OK
+
+
 COMMANDS = {
+    "plan": cmd_plan,
     "archive": cmd_archive,
     "generate": cmd_generate,
     "status": cmd_status,

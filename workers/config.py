@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import ssl
+import time
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -188,6 +189,10 @@ class Settings(BaseSettings):
     retry_delay: float = Field(default=10.0, ge=0)  # seconds before the first retry, doubling
     visibility_timeout: str = "2h"  # Redis redelivers an unacked task after this: > longest task
     lock_timeout: str = "24h"  # a cluster lock left behind by a lost run expires after this
+    # Connecting to Redis (TCP connect and TLS handshake) and the first PING must succeed
+    # within this, or the CLI, workers and beat stop with one line (exit 2) instead of
+    # waiting silently: a rediss:// URL to a plaintext Redis otherwise never returns.
+    connect_timeout: str = "5s"
 
     row_group_rows: int = Field(default=1_048_576, ge=1)
     page_rows: int = Field(default=65_536, ge=1)  # rows per data page: the page index's grain
@@ -226,7 +231,7 @@ class Settings(BaseSettings):
             raise ValueError("must be a positive duration")
         return value
 
-    @field_validator("visibility_timeout", "lock_timeout")
+    @field_validator("visibility_timeout", "lock_timeout", "connect_timeout")
     @classmethod
     def _valid_pipeline_duration(cls, value: str) -> str:
         if parse_duration(value) <= 0:
@@ -289,6 +294,11 @@ class Settings(BaseSettings):
         return parse_duration(self.run_log_max_age)
 
     @property
+    def connect_seconds(self) -> float:
+        """The Redis connect timeout (`connect_timeout`) in seconds."""
+        return parse_duration(self.connect_timeout)
+
+    @property
     def grace_seconds(self) -> float:
         """The recovery grace period in seconds."""
         return parse_duration(self.recovery_grace)
@@ -347,16 +357,22 @@ _CERT_REQS = {
 }
 
 
-def redis_client(url: str, settings: Settings) -> Any:
+def redis_client(url: str, settings: Settings, timeout: float | None = None) -> Any:
     """A redis-py client for a broker URL, with the same TLS settings Celery uses.
 
     redis-py reads `ssl_*` query parameters itself but knows only `required`/`optional`/
     `none` for `ssl_cert_reqs`; Celery's documented spelling is `CERT_REQUIRED`. Both work
-    here: the parameters are taken out of the URL and passed as keyword arguments.
+    here: the parameters are taken out of the URL and passed as keyword arguments. TCP
+    connects time out after `connect_timeout`; `timeout` also bounds every command.
     """
     import redis  # deferred: the embedded runner never needs it
 
-    options = settings.redis_tls(url) or {}
+    options: dict[str, Any] = settings.redis_tls(url) or {}
+    options["socket_connect_timeout"] = settings.connect_seconds
+    if timeout is not None:
+        # redis-py sets this right after the TCP connect, before the TLS handshake: without
+        # it a handshake with a plaintext server waits forever.
+        options["socket_timeout"] = timeout
     parts = urlsplit(url)
     query = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -371,6 +387,62 @@ def redis_client(url: str, settings: Settings) -> Any:
             query.append((key, value))
     plain = urlunsplit(parts._replace(query=urlencode(query)))
     return redis.Redis.from_url(plain, **options)
+
+
+class Unreachable(Exception):
+    """Redis did not answer within the connect timeout; the message is the one line to show.
+
+    `transient`: the connection was refused or reset (Redis down or starting), as opposed
+    to an answer that will not change by waiting (no handshake, wrong password, bad cert).
+    """
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason for a failed connection, from redis-py's exception chain."""
+    import redis
+
+    causes = [exc, exc.__cause__, exc.__context__]
+    if any(isinstance(e, ConnectionRefusedError) for e in causes):
+        return "connection refused"
+    if isinstance(exc, redis.AuthenticationError | redis.exceptions.ResponseError):
+        return f"refused by the server: {exc}"
+    text = str(exc)
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return "no answer (a TLS URL, rediss://, to a plaintext server? a firewall?)"
+    return text
+
+
+def check_reachable(url: str, settings: Settings, what: str = "broker", retry: bool = True) -> None:
+    """PING the Redis at `url` within `connect_timeout`; Unreachable (one line) if it fails.
+
+    With `retry`, a refused or reset connection is tried again for the rest of that time
+    (a Redis that is just starting); a wrong password or a bad certificate never is.
+    """
+    import redis
+
+    budget = settings.connect_seconds
+    deadline = time.monotonic() + budget
+    while True:
+        left = max(0.1, deadline - time.monotonic())
+        client = redis_client(url, settings, timeout=left)
+        try:
+            client.ping()
+            return
+        except (redis.RedisError, OSError) as exc:
+            reason = _why(exc)
+            transient = reason == "connection refused" or "reset" in reason.lower()
+            if not (retry and transient) or time.monotonic() + 0.5 >= deadline:
+                raise Unreachable(
+                    f"cannot reach the {what} at {mask_url(url)} within {budget:g} s: {reason}",
+                    transient,
+                ) from None
+        finally:
+            client.close()
+        time.sleep(0.5)
 
 
 # --- configuration files --------------------------------------------------------------

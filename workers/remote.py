@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from .config import Settings, mask_url, redis_client
+from .config import Settings, Unreachable, check_reachable, mask_url, redis_client
 from .manifest import ClusterReport
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,46 @@ def _wait(app: Any, task_id: str, poll_seconds: float, live: _Liveness) -> Any:
     return meta["result"]
 
 
+#: How long the queue check waits for the workers' answers.
+QUEUE_CHECK_SECONDS = 1.5
+
+
+def needed_queues(settings: Settings) -> list[str]:
+    """Every queue a run sends tasks to: discovery goes to all of them, so one without a
+    worker holds up the whole run, not only its own hosts."""
+    from .routing import make_router
+
+    router = make_router(settings.routes, settings.default_queue, settings.finalize_queue)
+    return list(dict.fromkeys([*router.queues(), router.finalize_queue]))
+
+
+def queues_without_worker(
+    app: Any,
+    queues: list[str],
+    timeout: float = QUEUE_CHECK_SECONDS,
+    own: AbstractSet[str] = frozenset(),
+) -> list[str]:
+    """The queues among `queues` that no running worker consumes, in their order.
+
+    Asks every worker (`inspect().active_queues()`) and waits `timeout` for the answers;
+    `own` are queues the asking process knows are consumed (a task's own worker, which
+    may not be able to answer while it runs the task: the solo pool).
+    """
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    consumed = set(own) | {q["name"] for qs in replies.values() for q in qs or []}
+    return [q for q in queues if q not in consumed]
+
+
+def no_worker_message(missing: list[str]) -> str:
+    """The one line for queues nobody consumes."""
+    names = ", ".join(missing)
+    return (
+        f"no worker consumes the queue(s) {names}: the run would wait for them; start "
+        f"`celery -A workers worker -Q {missing[0]}` where those hosts' files are, "
+        "or fix CCARCHIVE_ROUTES"
+    )
+
+
 def submit(
     settings: Settings,
     cutoff: int,
@@ -201,6 +242,14 @@ def submit(
     from .celery import make_app  # deferred: importing Celery costs a few hundred ms
 
     notify = progress or (lambda _event, _cluster, _detail: None)
+    # Before Celery: kombu would retry a refused connection for many seconds and wait
+    # forever on a TLS handshake with a plaintext server. One bounded PING says why.
+    try:
+        check_reachable(settings.broker_url, settings, "broker")
+        if settings.results_url != settings.broker_url:
+            check_reachable(settings.results_url, settings, "result backend")
+    except Unreachable as exc:
+        raise RemoteError(str(exc)) from None
     app = make_app(settings)
     try:
         try:
@@ -213,6 +262,11 @@ def submit(
             raise RemoteError(
                 f"no Celery worker answers at {maybe_sanitize_url(settings.broker_url)}"
             )
+        # Every queue the run sends to needs a worker, or discovery never completes and
+        # every cluster waits. The workers' plan checks again with their own routes.
+        missing = queues_without_worker(app, needed_queues(settings))
+        if missing:
+            raise RemoteError(no_worker_message(missing))
         notify("submitting", "", {})
         live = _Liveness(redis_client(settings.broker_url, settings))
         started = time.perf_counter()
@@ -409,4 +463,12 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if ok else EXIT_REPORTED
 
 
-__all__ = ["RemoteError", "RemoteRun", "RunLost", "cmd_archive", "submit"]
+__all__ = [
+    "RemoteError",
+    "RemoteRun",
+    "RunLost",
+    "cmd_archive",
+    "needed_queues",
+    "queues_without_worker",
+    "submit",
+]

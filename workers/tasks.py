@@ -273,6 +273,8 @@ def plan(
             checked = steps.check_cutoff(cutoff)  # > 0, fits in int64
         except (ValueError, steps.UnsafeName) as exc:
             problem = f"no valid cutoff: {exc}"
+    if problem is None:
+        problem = _queues_problem(s)
     if problem is None and clusters:
         try:
             clusters = [steps.check_name(c, "cluster") for c in clusters]
@@ -290,6 +292,21 @@ def plan(
     _launch(header, body)
     log.info("run %s: cutoff %d, mode %s", run_id, checked, mode)
     return {"run_id": run_id, "cutoff": checked, "mode": mode, "launch": launch_id}
+
+
+def _queues_problem(s: Settings) -> str | None:
+    """Why the run cannot start because a queue it needs has no worker, or None."""
+    from .remote import needed_queues, no_worker_message, queues_without_worker
+
+    # This worker cannot answer the broadcast itself while it runs a task in the solo
+    # pool: count the queues it consumes (set by -Q) as answered.
+    own = set(getattr(app.amqp.queues, "consume_from", None) or {})
+    try:
+        missing = queues_without_worker(app, needed_queues(s), own=own)
+    except Exception as exc:  # the broadcast itself failed: let the run try, as before
+        log.warning("could not check the queues' workers: %s", _error(exc))
+        return None
+    return no_worker_message(missing) if missing else None
 
 
 @app.task(name="ccarchive.discover")
