@@ -19,6 +19,7 @@ import sys
 _CHILD = r"""
 import os, sys, tempfile, time
 from workers import steps
+assert steps.__file__.startswith(os.environ["PYTHONPATH"]), steps.__file__
 tree, limit = sys.argv[1], int(sys.argv[2])
 hosts = [(c, h) for c in sorted(os.listdir(tree)) for h in sorted(os.listdir(os.path.join(tree, c)))]
 hosts = hosts[:limit]
@@ -36,8 +37,9 @@ print(cpu, rows, len(hosts))
 
 def _run(code_dir: str, tree: str, hosts: int) -> tuple[float, int]:
     env = dict(os.environ, PYTHONPATH=code_dir)
+    # -P: the current directory (maybe one of the two trees) must not shadow PYTHONPATH.
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, tree, str(hosts)],
+        [sys.executable, "-P", "-c", _CHILD, tree, str(hosts)],
         env=env,
         check=True,
         capture_output=True,

@@ -571,14 +571,26 @@ def _flat_arrays(data: bytes) -> tuple[bytes, np.ndarray, np.ndarray]:
     offsets = np.zeros(len(starts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
 
-    parts: list[bytes] = []
-    prev = 0
-    for k, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-        parts.append(data[prev : s + 1])
-        parts.append(b"%d" % k)
-        prev = e
-    parts.append(data[prev:])
+    # The skeleton: the text between flat arrays, each array's text replaced by its index.
+    n = len(starts)
+    gaps = [
+        data[i:j]
+        for i, j in zip([0, *ends.tolist()], [*(starts + 1).tolist(), len(data)], strict=True)
+    ]
+    parts: list[bytes] = [b""] * (2 * n + 1)
+    parts[0::2] = gaps
+    parts[1::2] = _indices(n)
     return b"".join(parts), values, offsets
+
+
+_INDICES = [b"%d" % k for k in range(1 << 14)]
+
+
+def _indices(n: int) -> list[bytes]:
+    """[b"0", b"1", ..., b"<n - 1>"]; the first 16 k are made once (a host file has ~1 k)."""
+    if n <= len(_INDICES):
+        return _INDICES[:n]
+    return _INDICES + [b"%d" % k for k in range(len(_INDICES), n)]
 
 
 def _space(chars: np.ndarray) -> np.ndarray:
@@ -751,12 +763,11 @@ def parse_binary_batch(data: bytes) -> FileBatch:
         return FileBatch.from_series(_parse_binary_checked(data))
 
 
-_HEAD_FROM = _METRIC_HEAD.unpack_from
 _U32_FROM = _U32.unpack_from
 
 
 def _binary_batch_fast(data: bytes) -> FileBatch:
-    """The layout is sequential, so a loop per metric stays; it only notes where things are.
+    """The layout is sequential, so a loop per metric stays; it only notes where each begins.
 
     Reads past the end raise (IndexError, struct.error) and a length running past the end
     makes the next read fail, since every level ends with a child count.
@@ -766,10 +777,8 @@ def _binary_batch_fast(data: bytes) -> FileBatch:
         raise _NotFast
     size = len(data)
     pos = _HEADER.size
-    names: list[bytes] = []
-    heads: list[int] = []  # where each metric's frequency starts
-    fields: list[tuple[int, int, int]] = []  # (frequency, start, n_values)
-    names_append, heads_append, fields_append = names.append, heads.append, fields.append
+    at: list[int] = []  # where each metric (its name length) begins
+    at_append = at.append
     level_sizes: list[int] = []
     scopes: list[str] = ["node"]
     scope_ids: list[str] = [""]
@@ -779,18 +788,17 @@ def _binary_batch_fast(data: bytes) -> FileBatch:
         pos += 4
         level_sizes.append(n_metrics)
         for _ in range(n_metrics):
+            at_append(pos)
+            # name length, name, frequency and start (skipped), n_values, values
             head = pos + 2 + (data[pos] | data[pos + 1] << 8)
-            fields_append(_HEAD_FROM(data, head))
-            names_append(data[pos + 2 : head])
-            heads_append(head)
-            pos = head + 20 + 4 * fields[-1][2]
+            pos = head + 20 + 4 * _U32_FROM(data, head + 16)[0]
         (n_children,) = _U32_FROM(data, pos)
         pos += 4
         left.append(n_children)
         while left[-1] == 0:
             left.pop()
             if not left:
-                return _binary_batch(data, names, heads, fields, level_sizes, scopes, scope_ids)
+                return _binary_batch(data, at, level_sizes, scopes, scope_ids)
         left[-1] -= 1
         end = pos + 2 + (data[pos] | data[pos + 1] << 8)
         if end > size or len(left) > MAX_DEPTH:
@@ -801,33 +809,41 @@ def _binary_batch_fast(data: bytes) -> FileBatch:
         pos = end
 
 
+def _le(columns: np.ndarray, dtype: str) -> np.ndarray:
+    """Little-endian integers from rows of bytes (one row per metric), as int64."""
+    return np.ascontiguousarray(columns).view(dtype).reshape(-1).astype(np.int64)
+
+
 def _binary_batch(
     data: bytes,
-    names: list[bytes],
-    heads: list[int],
-    fields: list[tuple[int, int, int]],
+    at: list[int],
     level_sizes: list[int],
     scopes: list[str],
     scope_ids: list[str],
 ) -> FileBatch:
-    """The FileBatch of what _binary_batch_fast found: checks and values for the whole file."""
-    n = len(heads)
-    columns = np.array(fields, np.int64).reshape(n, 3)
-    frequencies, starts, lengths = (np.ascontiguousarray(columns[:, i]) for i in range(3))
+    """The FileBatch of what _binary_batch_fast found: the metrics' fields, names and values
+    gathered for the whole file at once (the fast loop proved every header in bounds)."""
+    buf = np.frombuffer(data, np.uint8)
+    begin = np.array(at, np.int64)
+    head = begin + 2 + (buf[begin].astype(np.int64) | buf[begin + 1].astype(np.int64) << 8)
+    header = buf[head[:, None] + np.arange(20)]  # frequency, start, n_values of each
+    frequencies, starts, lengths = (
+        _le(header[:, :8], "<i8"),
+        _le(header[:, 8:16], "<i8"),
+        _le(header[:, 16:], "<u4"),
+    )
     if not _timestamps_fit(starts, frequencies, lengths):
         raise _NotFast
+    names = [data[i:j] for i, j in zip((begin + 2).tolist(), head.tolist(), strict=True)]
     distinct, metric_codes = _codes(names)
     metric_names = [str(name, "utf-8") for name in distinct]  # UnicodeDecodeError: bad
-    # The values are most of the file: keep the bytes between each metric's header and
-    # the next one ((start, +1) ... (end, -1) marks, summed), in file order = series order.
-    first = np.array(heads, np.int64) + 20
+    # The values are most of the file: one copy of each metric's run of bytes, in file
+    # order, which is series order.
+    view = memoryview(data)
+    first = head + 20
     last = first + 4 * lengths
-    full = lengths > 0
-    marks = np.zeros(len(data) + 1, np.int8)
-    marks[first[full]] = 1
-    marks[last[full]] = -1  # never a `first`: a header lies between two metrics' values
-    inside = np.cumsum(marks, dtype=np.int8).view(np.bool_)[:-1]
-    values = np.frombuffer(data, np.uint8)[inside].view("<f4").astype(np.float32, copy=False)
+    raw = b"".join([view[i:j] for i, j in zip(first.tolist(), last.tolist(), strict=True)])
+    values = np.frombuffer(raw, "<f4").astype(np.float32, copy=False)
     offsets = np.cumsum(lengths) - lengths
     return FileBatch(
         metric_names=metric_names,
