@@ -484,10 +484,10 @@ def test_host_table_equals_a_plain_sort() -> None:
         assert got == _plain_rows(series), trial
 
 
-def _random_series(rnd: random.Random, trial: int) -> list[Series]:
+def _random_series(rnd: random.Random, trial: int, long: bool = False) -> list[Series]:
     series = []
     for _ in range(rnd.randint(0, 12)):
-        n = rnd.randint(0, 30)
+        n = rnd.randint(200, 400) if long else rnd.randint(0, 30)
         values = np.array(
             [rnd.choice([np.nan, rnd.uniform(-5, 5), -0.0]) for _ in range(n)], np.float32
         )
@@ -521,7 +521,8 @@ def test_host_table_of_several_files_equals_a_plain_sort() -> None:
     # (same key and start in two files) must keep file order, as one list of series would.
     rnd = random.Random(11)
     for trial in range(60):
-        files = [_random_series(rnd, trial) for _ in range(rnd.randint(1, 4))]
+        # Every fourth trial long series: host_table copies those slice by slice.
+        files = [_random_series(rnd, trial, trial % 4 == 0) for _ in range(rnd.randint(1, 4))]
         table = host_table([checkpoint.FileBatch.from_series(f) for f in files])
         everything = [s for f in files for s in f]
         assert _table_rows(table) == _plain_rows(everything), trial

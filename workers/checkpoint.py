@@ -809,9 +809,11 @@ def _binary_batch_fast(data: bytes) -> FileBatch:
         pos = end
 
 
-def _le(columns: np.ndarray, dtype: str) -> np.ndarray:
-    """Little-endian integers from rows of bytes (one row per metric), as int64."""
-    return np.ascontiguousarray(columns).view(dtype).reshape(-1).astype(np.int64)
+def _field(buf: np.ndarray, at: np.ndarray, dtype: str) -> np.ndarray:
+    """The little-endian integer of type `dtype` at each position `at` of `buf`, as int64."""
+    width = np.dtype(dtype).itemsize
+    raw = buf[at[:, None] + np.arange(width, dtype=at.dtype)]  # (metrics, width) bytes
+    return raw.view(dtype).reshape(-1).astype(np.int64)
 
 
 def _binary_batch(
@@ -826,12 +828,12 @@ def _binary_batch(
     buf = np.frombuffer(data, np.uint8)
     begin = np.array(at, np.int64)
     head = begin + 2 + (buf[begin].astype(np.int64) | buf[begin + 1].astype(np.int64) << 8)
-    header = buf[head[:, None] + np.arange(20)]  # frequency, start, n_values of each
-    frequencies, starts, lengths = (
-        _le(header[:, :8], "<i8"),
-        _le(header[:, 8:16], "<i8"),
-        _le(header[:, 16:], "<u4"),
-    )
+    # Positions as int32 where they fit: the index arrays are the largest temporaries
+    # here (a file of empty metrics has one per 22 bytes).
+    at32 = head.astype(np.int32 if len(data) < 2**31 - 32 else np.int64)
+    frequencies = _field(buf, at32, "<i8")
+    starts = _field(buf, at32 + 8, "<i8")
+    lengths = _field(buf, at32 + 16, "<u4")
     if not _timestamps_fit(starts, frequencies, lengths):
         raise _NotFast
     names = [data[i:j] for i, j in zip((begin + 2).tolist(), head.tolist(), strict=True)]

@@ -125,8 +125,7 @@ def host_table(parts: Sequence[FileBatch] | Sequence[Series]) -> pa.Table:
     n = len(order)
     offsets = np.cumsum(lengths) - lengths
     total = int(lengths.sum())
-    # One gather of every series' values in the new order.
-    values = all_values[np.repeat(value_at - offsets, lengths) + np.arange(total)]
+    values = _in_order(all_values, value_at, lengths, offsets, total)
 
     # Every slot's timestamp, start + (slot - offset) * frequency, from whole-series runs
     # (np.repeat) instead of per-row gathers; then the missing slots are dropped.
@@ -191,6 +190,22 @@ def _arrow(array: np.ndarray, type_: pa.DataType) -> pa.Array:
     numpy argument costs every process ~25 ms importing numpy.ma)."""
     array = np.ascontiguousarray(array, type_.to_pandas_dtype())
     return pa.Array.from_buffers(type_, len(array), [None, pa.py_buffer(array)])
+
+
+def _in_order(
+    values: np.ndarray, at: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, total: int
+) -> np.ndarray:
+    """values[at[i]:][:lengths[i]] for every series i, back to back."""
+    if total >= 200 * len(at):
+        # Long series: one slice each (~0.9 us per series) beats a gather (~5 ns per value).
+        return np.concatenate(
+            [values[i : i + n] for i, n in zip(at.tolist(), lengths.tolist(), strict=True)]
+        )
+    # Short series: one gather, by int32 positions where they fit (half the traffic).
+    index_type = np.int32 if len(values) < 2**31 and total < 2**31 else np.int64
+    index = np.repeat((at - offsets).astype(index_type), lengths)
+    index += np.arange(total, dtype=index_type)
+    return values[index]
 
 
 def _needs_row_sort(
