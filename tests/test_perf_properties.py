@@ -26,10 +26,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import level, metric, write_json
+from tests.helpers import bin_file, bin_level, level, metric, write_json
 from workers import checkpoint
 from workers.checkpoint import BadCheckpoint, Series, parse_json
-from workers.generate import generate_tree, host_level, json_bytes
+from workers.generate import binary_bytes, generate_tree, host_level, json_bytes
 from workers.rows import host_table
 from workers.runner import RunOptions, run
 from workers.sink import ParquetOptions
@@ -482,6 +482,109 @@ def test_host_table_equals_a_plain_sort() -> None:
             )
         )
         assert got == _plain_rows(series), trial
+
+
+def _random_series(rnd: random.Random, trial: int, long: bool = False) -> list[Series]:
+    series = []
+    for _ in range(rnd.randint(0, 12)):
+        n = rnd.randint(200, 400) if long else rnd.randint(0, 30)
+        values = np.array(
+            [rnd.choice([np.nan, rnd.uniform(-5, 5), -0.0]) for _ in range(n)], np.float32
+        )
+        series.append(
+            Series(
+                rnd.choice(["cpu_load", "mem_bw", "ü"]),
+                rnd.choice(["node", "hwthread"]),
+                rnd.choice(["", "7", "10"]),
+                rnd.choice([60, 60, 60, 10, 0, -60]) if trial % 3 else 60,
+                rnd.choice([0, 600, 1200, 1230, -60]),
+                values,
+            )
+        )
+    return series
+
+
+def _table_rows(table: Any) -> list[tuple[Any, ...]]:
+    return list(
+        zip(
+            *(table.column(c).to_pylist() for c in ("metric", "scope", "scope_id")),
+            table.column("timestamp").to_pylist(),
+            table.column("frequency").to_pylist(),
+            table.column("value").to_numpy().view(np.uint32).tolist(),
+            strict=True,
+        )
+    )
+
+
+def test_host_table_of_several_files_equals_a_plain_sort() -> None:
+    # The load path hands host_table one FileBatch per file: codes are per file, and ties
+    # (same key and start in two files) must keep file order, as one list of series would.
+    rnd = random.Random(11)
+    for trial in range(60):
+        # Every fourth trial long series: host_table copies those slice by slice.
+        files = [_random_series(rnd, trial, trial % 4 == 0) for _ in range(rnd.randint(1, 4))]
+        table = host_table([checkpoint.FileBatch.from_series(f) for f in files])
+        everything = [s for f in files for s in f]
+        assert _table_rows(table) == _plain_rows(everything), trial
+        assert table.num_rows == sum(checkpoint.FileBatch.from_series(f).rows for f in files)
+
+
+# --- the binary reader's fast path ----------------------------------------------------------
+
+
+def _random_binary(rnd: random.Random) -> bytes:
+    def lvl(depth: int) -> bytes:
+        metrics = {}
+        for k in range(rnd.randint(0, 3)):
+            n = rnd.randint(0, 5)
+            start = rnd.choice([0, 1000, -7, 2**63 - 1, -(2**63), 2**62])
+            frequency = rnd.choice([60, 0, -5, 2**40, 2**62])
+            raw = [rnd.choice([1.5, -0.0, float("nan"), float("inf")]) for _ in range(n)]
+            metrics[rnd.choice(["cpu_load", "mem_bw", "ü", "", "n" * 300]) + str(k)] = (
+                frequency,
+                start,
+                raw,
+            )
+        kids = {}
+        if depth < 3:
+            for k in range(rnd.randint(0, 3)):
+                kids[rnd.choice(["socket", "cpu", "core", "nvme", "hwthread", ""]) + str(k)] = lvl(
+                    depth + 1
+                )
+        return bin_level(metrics, kids)
+
+    data = bin_file(lvl(0))
+    r = rnd.random()
+    if r < 0.15:
+        data = data[: rnd.randint(0, len(data))]
+    elif r < 0.3:
+        i = rnd.randrange(len(data))
+        data = data[:i] + bytes([rnd.randrange(256)]) + data[i + 1 :]
+    elif r < 0.35:
+        data += b"trailing"
+    return data
+
+
+def test_fast_binary_reader_agrees_with_the_checked_one() -> None:
+    rnd = random.Random(9)
+    rng = np.random.default_rng(9)
+    generated = [binary_bytes(host_level(rng, 1_000_000, 60, gpus=1), 1_000_000, 1_003_600)]
+    taken = 0
+    for data in generated + [_random_binary(rnd) for _ in range(3000)]:
+        try:
+            checked: list[Series] | BadCheckpoint = checkpoint._parse_binary_checked(data)
+        except BadCheckpoint as exc:
+            checked = exc
+        try:
+            fast = checkpoint._binary_batch_fast(data).series()
+        except Exception:
+            # Only bad files leave the fast path: the checked reader says why.
+            assert isinstance(checked, BadCheckpoint), data
+            continue
+        assert not isinstance(checked, BadCheckpoint), (data, checked)
+        _same(fast, checked)
+        taken += 1
+    assert taken > 500  # many random files are bad: truncated, overflowing timestamps
 
 
 # --- process-wide allocator settings ----------------------------------------------------------

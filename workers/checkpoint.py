@@ -1,16 +1,20 @@
 """Checkpoint files of the ClusterCockpit metric store: naming, JSON and binary readers.
 
-A reader turns one file into a list of `Series`: one per metric of every level, with the
-scope taken from the level's name (SPEC §2–3). Values stay whole numpy arrays; missing
-values are NaN and are dropped later, when rows are built.
+A reader turns one file into a `FileBatch`: its series as columns (starts, frequencies,
+lengths, value offsets, and codes into small per-file tables of metric names and levels),
+one per metric of every level, with the scope taken from the level's name (SPEC §2–3).
+Missing values are NaN and are dropped later, when rows are built. `Series` (one object
+per metric) is the same content for tests and tools; the hot path never makes one.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +67,110 @@ class Series:
     values: np.ndarray  # float32, NaN = missing
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class FileBatch:
+    """One file's series as columns; series i's values are values[offsets[i]:][:lengths[i]].
+
+    Series are in the reader's order (which breaks ties when rows are sorted). Metric
+    names and levels are small per-file tables: `metric_codes` index `metric_names`,
+    `level_codes` index `scopes` / `scope_ids` (one entry per level, used or not).
+    """
+
+    metric_names: list[str]
+    metric_codes: np.ndarray  # int32
+    scopes: list[str]
+    scope_ids: list[str]
+    level_codes: np.ndarray  # int32
+    starts: np.ndarray  # int64
+    frequencies: np.ndarray  # int64
+    lengths: np.ndarray  # int64
+    offsets: np.ndarray  # int64
+    values: np.ndarray  # float32, NaN = missing; may hold values no series refers to
+    rows: int  # non-missing values of the series: the rows this file gives
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def series(self) -> list[Series]:
+        """The same content as one `Series` per metric (tests and tools)."""
+        return [
+            Series(
+                self.metric_names[m],
+                self.scopes[lv],
+                self.scope_ids[lv],
+                f,
+                s,
+                self.values[o : o + n],
+            )
+            for m, lv, f, s, o, n in zip(
+                self.metric_codes.tolist(),
+                self.level_codes.tolist(),
+                self.frequencies.tolist(),
+                self.starts.tolist(),
+                self.offsets.tolist(),
+                self.lengths.tolist(),
+                strict=True,
+            )
+        ]
+
+    @classmethod
+    def from_series(cls, series: Sequence[Series]) -> FileBatch:
+        """Columns of a list of series (the general readers' output, tests)."""
+        n = len(series)
+        names: dict[str, int] = {}
+        levels: dict[tuple[str, str], int] = {}
+        metric_codes = np.fromiter(
+            (names.setdefault(s.metric, len(names)) for s in series), np.int32, n
+        )
+        level_codes = np.fromiter(
+            (levels.setdefault((s.scope, s.scope_id), len(levels)) for s in series), np.int32, n
+        )
+        lengths = np.fromiter((len(s.values) for s in series), np.int64, n)
+        values = (
+            np.concatenate([s.values for s in series]).astype(np.float32, copy=False)
+            if n
+            else np.empty(0, np.float32)
+        )
+        return cls(
+            metric_names=list(names),
+            metric_codes=metric_codes,
+            scopes=[scope for scope, _ in levels],
+            scope_ids=[scope_id for _, scope_id in levels],
+            level_codes=level_codes,
+            starts=np.fromiter((s.start for s in series), np.int64, n),
+            frequencies=np.fromiter((s.frequency for s in series), np.int64, n),
+            lengths=lengths,
+            offsets=np.cumsum(lengths) - lengths,
+            values=values,
+            rows=len(values) - int(np.count_nonzero(np.isnan(values))),
+        )
+
+
+def _present(values: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> int:
+    """Non-missing values in the ranges values[offsets[i]:][:lengths[i]] (disjoint)."""
+    missing = np.isnan(values)
+    if int(lengths.sum()) == len(values):  # the ranges cover every value
+        return len(values) - int(np.count_nonzero(missing))
+    before = np.zeros(len(values) + 1, np.int64)
+    np.cumsum(missing, out=before[1:])
+    return int(lengths.sum() - (before[offsets + lengths] - before[offsets]).sum())
+
+
+def _timestamps_fit(starts: np.ndarray, frequencies: np.ndarray, lengths: np.ndarray) -> bool:
+    """Whether every series' last timestamp, start + (length - 1) * frequency, fits in int64."""
+    # In float64 first: a last timestamp beyond int64 is >= 2**63 in magnitude, far above
+    # 2**62 even after rounding; only series near that are checked exactly, one by one.
+    with np.errstate(over="ignore", invalid="ignore"):
+        last = starts.astype(np.float64) + (lengths - 1).astype(np.float64) * frequencies
+    near = np.flatnonzero((np.abs(last) >= 2.0**62) & (lengths > 1))
+    return all(
+        INT64_MIN <= s + (n - 1) * f <= INT64_MAX
+        for s, f, n in zip(
+            starts[near].tolist(), frequencies[near].tolist(), lengths[near].tolist(), strict=True
+        )
+    )
+
+
 def parse_scope(name: str) -> tuple[str, str]:
     """Map a child level's name to (scope, scope_id), e.g. `cpu7` -> ("hwthread", "7")."""
     for prefix, scope in _SCOPE_PREFIXES:
@@ -73,6 +181,17 @@ def parse_scope(name: str) -> tuple[str, str]:
         ):
             return scope, name[len(prefix) :]
     return name, ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_scope(name: str) -> tuple[str, str]:
+    return parse_scope(name)
+
+
+def _scope_of(name: str) -> tuple[str, str]:
+    """parse_scope, remembered for short names (`cpu7` recurs in every file of a host)."""
+    # Long names are not kept: a hostile file must not fill the cache with megabytes.
+    return _cached_scope(name) if len(name) <= 40 else parse_scope(name)
 
 
 def checkpoint_timestamp(name: str) -> int | BadCheckpoint | None:
@@ -174,7 +293,12 @@ def _json_values(data: Any) -> np.ndarray:
 
 
 def parse_json(data: bytes) -> list[Series]:
-    """Parse a JSON checkpoint into series; raise BadCheckpoint naming the first problem.
+    """Parse a JSON checkpoint into series; raise BadCheckpoint naming the first problem."""
+    return parse_json_batch(data).series()
+
+
+def parse_json_batch(data: bytes) -> FileBatch:
+    """Parse a JSON checkpoint into a FileBatch; raise BadCheckpoint naming the first problem.
 
     Two readers, one result: the vectorised reader below handles what checkpoint writers
     produce (plain decimals, no backslashes) at several times orjson's speed; whenever it
@@ -183,9 +307,9 @@ def parse_json(data: bytes) -> list[Series]:
     """
     tune_allocator()
     try:
-        return _parse_json_fast(data)
+        return _json_batch_fast(data)
     except Exception:  # any doubt at all: the general reader is the authority
-        return _parse_json_general(data)
+        return FileBatch.from_series(_parse_json_general(data))
 
 
 def _parse_json_general(data: bytes) -> list[Series]:
@@ -296,23 +420,103 @@ class _NotFast(Exception):
 
 
 def _parse_json_fast(data: bytes) -> list[Series]:
+    """The vectorised reader alone, as series (tests compare it with the general one)."""
+    return _json_batch_fast(data).series()
+
+
+_FREQUENCY, _START, _DATA, _FIRST = (
+    itemgetter("frequency"),
+    itemgetter("start"),
+    itemgetter("data"),
+    itemgetter(0),
+)
+_EMPTY: dict[str, Any] = {}
+
+
+def _json_batch_fast(data: bytes) -> FileBatch:
+    """The vectorised reader: raises (anything) where it cannot vouch for the file."""
     skeleton, values, offsets = _flat_arrays(data)
     try:
         doc = orjson.loads(skeleton)
     except orjson.JSONDecodeError as exc:
         raise _NotFast from exc
-    n_arrays = len(offsets) - 1
-    bounds = offsets.tolist()
-
-    def values_of(data: Any) -> np.ndarray:
-        # Every flat array became `[k]`, so a `[k]` can only be flat array k.
-        if type(data) is list and len(data) == 1 and type(data[0]) is int:
-            k = data[0]
-            if 0 <= k < n_arrays:
-                return values[bounds[k] : bounds[k + 1]]
+    # Levels depth first in _walk_json's order (children popped last first): the same
+    # series order, hence the same order of rows that tie. Per level only list extends;
+    # the metrics of the whole file are then checked and converted in one pass each.
+    names: list[str] = []
+    metrics: list[Any] = []
+    level_sizes: list[int] = []
+    scopes: list[str] = []
+    scope_ids: list[str] = []
+    stack: list[tuple[Any, str, str, int]] = [(doc, "node", "", 0)]
+    while stack:
+        level, scope, scope_id, depth = stack.pop()
+        if type(level) is not dict:
+            raise _NotFast
+        level_metrics = level["metrics"]
+        children = level["children"] if depth == 0 else level.get("children", _EMPTY)
+        if type(level_metrics) is not dict or type(children) is not dict:
+            raise _NotFast
+        names.extend(level_metrics)
+        metrics.extend(level_metrics.values())
+        level_sizes.append(len(level_metrics))
+        scopes.append(scope)
+        scope_ids.append(scope_id)
+        if children:
+            if depth == MAX_DEPTH:
+                raise _NotFast
+            for child_name, child in children.items():
+                stack.append((child, *_scope_of(child_name), depth + 1))
+    n = len(metrics)
+    if n:
+        if set(map(type, metrics)) != {dict}:
+            raise _NotFast
+        frequencies, starts, datas = (
+            list(map(_FREQUENCY, metrics)),
+            list(map(_START, metrics)),
+            list(map(_DATA, metrics)),
+        )
+        # Exactly int (bool is a subclass); every data a `[k]`, which only flat array k became.
+        if set(map(type, frequencies)) != {int} or set(map(type, starts)) != {int}:
+            raise _NotFast
+        if set(map(type, datas)) != {list} or set(map(len, datas)) != {1}:
+            raise _NotFast
+        ks = list(map(_FIRST, datas))
+        if set(map(type, ks)) != {int}:
+            raise _NotFast
+    else:
+        frequencies, starts, ks = [], [], []
+    # Integers beyond int64 raise OverflowError here: the general reader reports them.
+    freq_a = np.array(frequencies, np.int64)
+    start_a = np.array(starts, np.int64)
+    k = np.array(ks, np.int64)
+    if n and (int(k.min()) < 0 or int(k.max()) >= len(offsets) - 1):
         raise _NotFast
+    value_offsets = offsets[k]
+    lengths = offsets[k + 1] - value_offsets
+    if not _timestamps_fit(start_a, freq_a, lengths):
+        raise _NotFast
+    metric_names, metric_codes = _codes(names)
+    return FileBatch(
+        metric_names=metric_names,
+        metric_codes=metric_codes,
+        scopes=scopes,
+        scope_ids=scope_ids,
+        level_codes=np.repeat(np.arange(len(level_sizes), dtype=np.int32), level_sizes),
+        starts=start_a,
+        frequencies=freq_a,
+        lengths=lengths,
+        offsets=value_offsets,
+        values=values,
+        rows=_present(values, value_offsets, lengths),
+    )
 
-    return _walk_json(doc, values_of)
+
+def _codes(names: list[Any]) -> tuple[list[Any], np.ndarray]:
+    """(distinct names in first-seen order, each name's index among them) without a sort."""
+    table = dict.fromkeys(names)
+    index = dict(zip(table, range(len(table)), strict=True))
+    return list(table), np.fromiter(map(index.__getitem__, names), np.int32, len(names))
 
 
 def _flat_spans(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -367,14 +571,26 @@ def _flat_arrays(data: bytes) -> tuple[bytes, np.ndarray, np.ndarray]:
     offsets = np.zeros(len(starts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
 
-    parts: list[bytes] = []
-    prev = 0
-    for k, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-        parts.append(data[prev : s + 1])
-        parts.append(b"%d" % k)
-        prev = e
-    parts.append(data[prev:])
+    # The skeleton: the text between flat arrays, each array's text replaced by its index.
+    n = len(starts)
+    gaps = [
+        data[i:j]
+        for i, j in zip([0, *ends.tolist()], [*(starts + 1).tolist(), len(data)], strict=True)
+    ]
+    parts: list[bytes] = [b""] * (2 * n + 1)
+    parts[0::2] = gaps
+    parts[1::2] = _indices(n)
     return b"".join(parts), values, offsets
+
+
+_INDICES = [b"%d" % k for k in range(1 << 14)]
+
+
+def _indices(n: int) -> list[bytes]:
+    """[b"0", b"1", ..., b"<n - 1>"]; the first 16 k are made once (a host file has ~1 k)."""
+    if n <= len(_INDICES):
+        return _INDICES[:n]
+    return _INDICES + [b"%d" % k for k in range(len(_INDICES), n)]
 
 
 def _space(chars: np.ndarray) -> np.ndarray:
@@ -530,7 +746,124 @@ class _Cursor:
 
 def parse_binary(data: bytes) -> list[Series]:
     """Parse a binary checkpoint into series; raise BadCheckpoint on wrong magic or truncation."""
+    return parse_binary_batch(data).series()
+
+
+def parse_binary_batch(data: bytes) -> FileBatch:
+    """Parse a binary checkpoint into a FileBatch; raise BadCheckpoint saying what is wrong.
+
+    The fast reader below does as little as it can per metric and checks the rest for the
+    whole file at once; wherever it fails, the checked reader reads the file again and
+    says why it is bad (it is the authority, as the general JSON reader is).
+    """
     tune_allocator()
+    try:
+        return _binary_batch_fast(data)
+    except Exception:
+        return FileBatch.from_series(_parse_binary_checked(data))
+
+
+_U32_FROM = _U32.unpack_from
+
+
+def _binary_batch_fast(data: bytes) -> FileBatch:
+    """The layout is sequential, so a loop per metric stays; it only notes where each begins.
+
+    Reads past the end raise (IndexError, struct.error) and a length running past the end
+    makes the next read fail, since every level ends with a child count.
+    """
+    magic, _from, _to = _HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise _NotFast
+    size = len(data)
+    pos = _HEADER.size
+    at: list[int] = []  # where each metric (its name length) begins
+    at_append = at.append
+    level_sizes: list[int] = []
+    scopes: list[str] = ["node"]
+    scope_ids: list[str] = [""]
+    left: list[int] = []  # per open level, the children still to read
+    while True:
+        (n_metrics,) = _U32_FROM(data, pos)
+        pos += 4
+        level_sizes.append(n_metrics)
+        for _ in range(n_metrics):
+            at_append(pos)
+            # name length, name, frequency and start (skipped), n_values, values
+            head = pos + 2 + (data[pos] | data[pos + 1] << 8)
+            pos = head + 20 + 4 * _U32_FROM(data, head + 16)[0]
+        (n_children,) = _U32_FROM(data, pos)
+        pos += 4
+        left.append(n_children)
+        while left[-1] == 0:
+            left.pop()
+            if not left:
+                return _binary_batch(data, at, level_sizes, scopes, scope_ids)
+        left[-1] -= 1
+        end = pos + 2 + (data[pos] | data[pos + 1] << 8)
+        if end > size or len(left) > MAX_DEPTH:
+            raise _NotFast
+        scope, scope_id = _scope_of(str(data[pos + 2 : end], "utf-8"))
+        scopes.append(scope)
+        scope_ids.append(scope_id)
+        pos = end
+
+
+def _field(buf: np.ndarray, at: np.ndarray, dtype: str) -> np.ndarray:
+    """The little-endian integer of type `dtype` at each position `at` of `buf`, as int64."""
+    width = np.dtype(dtype).itemsize
+    raw = buf[at[:, None] + np.arange(width, dtype=at.dtype)]  # (metrics, width) bytes
+    return raw.view(dtype).reshape(-1).astype(np.int64)
+
+
+def _binary_batch(
+    data: bytes,
+    at: list[int],
+    level_sizes: list[int],
+    scopes: list[str],
+    scope_ids: list[str],
+) -> FileBatch:
+    """The FileBatch of what _binary_batch_fast found: the metrics' fields, names and values
+    gathered for the whole file at once (the fast loop proved every header in bounds)."""
+    buf = np.frombuffer(data, np.uint8)
+    begin = np.array(at, np.int64)
+    head = begin + 2 + (buf[begin].astype(np.int64) | buf[begin + 1].astype(np.int64) << 8)
+    # Positions as int32 where they fit: the index arrays are the largest temporaries
+    # here (a file of empty metrics has one per 22 bytes).
+    at32 = head.astype(np.int32 if len(data) < 2**31 - 32 else np.int64)
+    frequencies = _field(buf, at32, "<i8")
+    starts = _field(buf, at32 + 8, "<i8")
+    lengths = _field(buf, at32 + 16, "<u4")
+    if not _timestamps_fit(starts, frequencies, lengths):
+        raise _NotFast
+    names = [data[i:j] for i, j in zip((begin + 2).tolist(), head.tolist(), strict=True)]
+    distinct, metric_codes = _codes(names)
+    metric_names = [str(name, "utf-8") for name in distinct]  # UnicodeDecodeError: bad
+    # The values are most of the file: one copy of each metric's run of bytes, in file
+    # order, which is series order.
+    view = memoryview(data)
+    first = head + 20
+    last = first + 4 * lengths
+    raw = b"".join([view[i:j] for i, j in zip(first.tolist(), last.tolist(), strict=True)])
+    values = np.frombuffer(raw, "<f4").astype(np.float32, copy=False)
+    offsets = np.cumsum(lengths) - lengths
+    return FileBatch(
+        metric_names=metric_names,
+        metric_codes=metric_codes,
+        scopes=scopes,
+        scope_ids=scope_ids,
+        level_codes=np.repeat(np.arange(len(level_sizes), dtype=np.int32), level_sizes),
+        starts=starts,
+        frequencies=frequencies,
+        lengths=lengths,
+        offsets=offsets,
+        values=values,
+        rows=len(values) - int(np.count_nonzero(np.isnan(values))),
+    )
+
+
+def _parse_binary_checked(data: bytes) -> list[Series]:
+    """The checked reader: series of a good file, else BadCheckpoint saying what is wrong."""
     cur = _Cursor(data)
     (magic, _from, _to) = cur.unpack(_HEADER, "header")
     if magic != MAGIC:

@@ -18,11 +18,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from . import sink, staging, storage
-from .checkpoint import BadCheckpoint, Series, checkpoint_timestamp, parse_binary, parse_json
+from .checkpoint import (
+    BadCheckpoint,
+    FileBatch,
+    checkpoint_timestamp,
+    parse_binary_batch,
+    parse_json_batch,
+)
 from .faults import crash_point
 from .logs import step_context
 from .manifest import BadFile, DeleteResult, HostManifest, SourceFile, shown_name
-from .rows import RowDigest, count_values, host_table, table_digest
+from .rows import RowDigest, host_table, table_digest
 from .sourcefiles import Listed, delete_if_unchanged, listed_identity, read_listed
 
 log = logging.getLogger(__name__)
@@ -151,11 +157,11 @@ def select_files(directory: Path, cutoff: int, exclude: Collection[str] = ()) ->
     return Selection(files, bad)
 
 
-def _read(directory: Path, listed: Listed) -> tuple[list[Series], SourceFile]:
+def _read(directory: Path, listed: Listed) -> tuple[FileBatch, SourceFile]:
     """Parse one listed file; return its series and its identity as read."""
     data, source = read_listed(directory, listed)
-    series = parse_binary(data) if listed.name.endswith(".bin") else parse_json(data)
-    return series, source
+    batch = parse_binary_batch(data) if listed.name.endswith(".bin") else parse_json_batch(data)
+    return batch, source
 
 
 @step_context  # log lines inside carry run_id, cluster and host
@@ -184,19 +190,19 @@ def load_host(
         manifest.bad.append(BadFile(str(directory), f"cannot list: {exc.strerror or exc}"))
         return manifest
     manifest.bad.extend(selection.bad)
-    series: list[Series] = []
+    batches: list[FileBatch] = []
     for listed in selection.files:
         try:
-            file_series, source = _read(directory, listed)
+            batch, source = _read(directory, listed)
         except BadCheckpoint as exc:
             path = directory / listed.name
             manifest.bad.append(BadFile(str(path), exc.reason))
             log.info("bad checkpoint %s: %s", path, exc.reason)
             continue
-        manifest.files.append(replace(source, rows=count_values(file_series)))
-        series.extend(file_series)
-    table = host_table(series)
-    del series
+        manifest.files.append(replace(source, rows=batch.rows))
+        batches.append(batch)
+    table = host_table(batches)
+    del batches
     crash_point("load:read")
     manifest.rows = table.num_rows
     manifest.digest = table_digest(table)
