@@ -111,6 +111,7 @@ def test_tls_file_settings_are_relative_to_the_config_file(tmp_path: Path) -> No
 def test_lost_messages_return_after_about_the_visibility_timeout() -> None:
     default = _transport_options(Settings())  # 2 h: kombu's own sweep (100 s), mutex 300 s
     assert default == {
+        "socket_connect_timeout": 5.0,  # CCARCHIVE_CONNECT_TIMEOUT
         "visibility_timeout": 7200.0,
         "unacked_restore_interval": 10.0,
         "unacked_restore_throttle": 10,

@@ -622,7 +622,10 @@ def finalize_cluster(
         permanent = isinstance(
             exc, sink.ArchiveConflict | LockLost | steps.UnsafeName | roots.RootsRefused
         )
-        twin = None if permanent else _published_twin(cluster, cutoff, run_id, manifests)
+        # A lost lock may be the twin's doing: it published this very commit, then released
+        # the lock when its cluster finished (its staging cleanup may still be to come).
+        checkable = not permanent or isinstance(exc, LockLost)
+        twin = _published_twin(cluster, cutoff, run_id, manifests) if checkable else None
         if twin is None:
             if not permanent and attempt < _max_attempts():
                 raise self.retry(exc=exc, countdown=_countdown(attempt), max_retries=None) from exc
