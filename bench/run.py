@@ -379,9 +379,10 @@ def render(res: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _write_readme(text: str) -> None:
+def write_section(text: str, mark_start: str = MARK_START, mark_end: str = MARK_END) -> None:
+    """Replace what stands between two markers in bench/README.md."""
     doc = README.read_text()
-    start, end = doc.index(MARK_START) + len(MARK_START), doc.index(MARK_END)
+    start, end = doc.index(mark_start) + len(mark_start), doc.index(mark_end)
     README.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
 
 
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"\nraw results: {out}")
     if opts.readme:
-        _write_readme(text)
+        write_section(text)
     return 0
 
 

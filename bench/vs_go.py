@@ -34,8 +34,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.run import write_section
+
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "bench" / "README.md"
 RESULTS = REPO / "bench" / "results"
 MARK_START = "<!-- vs-go:start -->"
 MARK_END = "<!-- vs-go:end -->"
@@ -307,12 +308,6 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_readme(text: str) -> None:
-    doc = README.read_text()
-    start, end = doc.index(MARK_START) + len(MARK_START), doc.index(MARK_END)
-    README.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, generate the trees, run the turns, print (and record) the report."""
     p = argparse.ArgumentParser(prog="python -m bench.vs_go", description=__doc__.splitlines()[0])
@@ -332,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         text = render(json.loads(Path(opts.render).read_text()))
         print(text)
         if opts.readme:
-            _write_readme(text)
+            write_section(text, MARK_START, MARK_END)
         return 0
     labels = [x.strip() for x in opts.configs.split(",") if x.strip()]
     if unknown := [x for x in labels if x not in CONFIGS]:
@@ -392,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"\nraw results: {out}")
     if opts.readme:
-        _write_readme(text)
+        write_section(text, MARK_START, MARK_END)
     return 0
 
 

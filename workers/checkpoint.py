@@ -497,18 +497,40 @@ def _json_batch_fast(data: bytes) -> FileBatch:
     if not _timestamps_fit(start_a, freq_a, lengths):
         raise _NotFast
     metric_names, metric_codes = _codes(names)
+    return _file_batch(
+        metric_names,
+        metric_codes,
+        (scopes, scope_ids, level_sizes),
+        (start_a, freq_a, lengths, value_offsets),
+        values,
+        _present(values, value_offsets, lengths),
+    )
+
+
+def _file_batch(
+    metric_names: list[str],
+    metric_codes: np.ndarray,
+    levels: tuple[list[str], list[str], list[int]],
+    series: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    values: np.ndarray,
+    rows: int,
+) -> FileBatch:
+    """A FileBatch from the levels' (scopes, scope ids, metric counts) and the series'
+    (starts, frequencies, lengths, value offsets): both readers end here."""
+    scopes, scope_ids, level_sizes = levels
+    starts, frequencies, lengths, offsets = series
     return FileBatch(
         metric_names=metric_names,
         metric_codes=metric_codes,
         scopes=scopes,
         scope_ids=scope_ids,
         level_codes=np.repeat(np.arange(len(level_sizes), dtype=np.int32), level_sizes),
-        starts=start_a,
-        frequencies=freq_a,
+        starts=starts,
+        frequencies=frequencies,
         lengths=lengths,
-        offsets=value_offsets,
+        offsets=offsets,
         values=values,
-        rows=_present(values, value_offsets, lengths),
+        rows=rows,
     )
 
 
@@ -847,18 +869,13 @@ def _binary_batch(
     raw = b"".join([view[i:j] for i, j in zip(first.tolist(), last.tolist(), strict=True)])
     values = np.frombuffer(raw, "<f4").astype(np.float32, copy=False)
     offsets = np.cumsum(lengths) - lengths
-    return FileBatch(
-        metric_names=metric_names,
-        metric_codes=metric_codes,
-        scopes=scopes,
-        scope_ids=scope_ids,
-        level_codes=np.repeat(np.arange(len(level_sizes), dtype=np.int32), level_sizes),
-        starts=starts,
-        frequencies=frequencies,
-        lengths=lengths,
-        offsets=offsets,
-        values=values,
-        rows=len(values) - int(np.count_nonzero(np.isnan(values))),
+    return _file_batch(
+        metric_names,
+        metric_codes,
+        (scopes, scope_ids, level_sizes),
+        (starts, frequencies, lengths, offsets),
+        values,
+        len(values) - int(np.count_nonzero(np.isnan(values))),
     )
 
 

@@ -49,14 +49,6 @@ ARCHIVE_SCHEMA = pa.schema(
 SORT_KEY = ("hostname", "metric", "scope", "scope_id", "timestamp")
 
 
-def count_values(series: Sequence[Series]) -> int:
-    """Number of rows these series produce: their non-missing values."""
-    if not series:
-        return 0
-    values = np.concatenate([s.values for s in series])
-    return len(values) - int(np.count_nonzero(np.isnan(values)))
-
-
 def _dictionary(tables: Sequence[Sequence[str]]) -> tuple[list[str], list[np.ndarray]]:
     """The sorted distinct names of several small tables, and each table's codes into it."""
     dictionary = sorted(set().union(*tables))

@@ -301,10 +301,10 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
     # No host with a file to load or delete: no pool (spawning 16 processes for nothing
     # costs seconds and CPU-seconds); the empty steps run inline.
     busy = _hosts_with_files(plans, states, options)
-    if busy == 0:
+    if not busy:
         log.info("nothing selected at cutoff %d: no process pool started", options.cutoff)
     # A thread per cluster writes its archive while its hosts load (see the module's doc).
-    streaming = options.workers > 1 and options.mode == "archive" and busy > 0
+    streaming = options.workers > 1 and options.mode == "archive" and busy
     finalizers: list[threading.Thread] = []
     stopped: BaseException | None = None
     try:
@@ -485,9 +485,8 @@ last_run = RunFacts()
 
 def _hosts_with_files(
     plans: list[steps.ClusterPlan], states: dict[str, _ClusterState], options: RunOptions
-) -> int:
-    """1 if some host has a checkpoint file (or a bad name) at or before the cutoff, else 0."""
-    busy = 0
+) -> bool:
+    """Whether some host has a checkpoint file (or a bad name) at or before the cutoff."""
     root = Path(options.checkpoints)
     for plan in plans:
         exclude = states[plan.cluster].exclude
@@ -497,10 +496,10 @@ def _hosts_with_files(
                     root / plan.cluster / host, options.cutoff, exclude.get(host, [])
                 )
             except OSError:  # unreadable: the load step reports it, in the pool as usual
-                return 1
+                return True
             if found.files or found.bad:
-                return 1  # one is enough to need the pool: no second listing of the tree
-    return busy
+                return True  # one is enough to need the pool: no second listing of the tree
+    return False
 
 
 def _prepare(plan: steps.ClusterPlan, report: ClusterReport, options: RunOptions) -> _ClusterState:

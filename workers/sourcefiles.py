@@ -87,27 +87,23 @@ def read_listed(directory: Path, listed: Listed) -> tuple[bytes, SourceFile]:
         os.close(fd)
     if _identity(before) != _identity(after) or len(data) != after.st_size:
         raise BadCheckpoint("changed while being read; kept for the next run")
-    return data, SourceFile(
-        name=listed.name,
-        size=after.st_size,
-        dev=after.st_dev,
-        ino=after.st_ino,
-        mtime_ns=after.st_mtime_ns,
-        ctime_ns=after.st_ctime_ns,
-        digest=xxhash.xxh3_64_hexdigest(data),
-    )
+    return data, _source(listed.name, after, xxhash.xxh3_64_hexdigest(data))
 
 
 def listed_identity(path: Path) -> SourceFile:
     """Identity of a file that is deleted unread (delete mode): no digest."""
-    st = os.lstat(path)
+    return _source(path.name, os.lstat(path), "")
+
+
+def _source(name: str, st: os.stat_result, digest: str) -> SourceFile:
     return SourceFile(
-        name=path.name,
+        name=name,
         size=st.st_size,
         dev=st.st_dev,
         ino=st.st_ino,
         mtime_ns=st.st_mtime_ns,
         ctime_ns=st.st_ctime_ns,
+        digest=digest,
     )
 
 
