@@ -229,6 +229,9 @@ def test_a_finalize_delivered_twice_runs_next_to_itself_and_both_succeed(
         "ccarchive.finalize_cluster", args=[loads], kwargs=kwargs, task_id=entry["finalize"]
     )
     wait_until(lambda: not any(d.checkpoints.rglob("*.json")), 30, "the twin's deletions")
+    # The twin's report is pushed after its staging cleanup and lock release: only then is
+    # the first copy sure to find a chunk gone (before, it may finish and publish idempotently).
+    wait_until(lambda: bool(d.reports()), 30, "the twin's report")
     d.release()
     d.wait_quiet()
 
