@@ -121,9 +121,9 @@ def run_celery(
     pristine: Path, work: Path, workers: int, cutoff: int, redis_url: str
 ) -> dict[str, Any]:
     """One run through Redis and a worker with `workers` processes (started and stopped here)."""
-    from workers.celery import make_app
     from workers.config import Settings
-    from workers.remote import submit
+    from workers.distributed.app import make_app
+    from workers.distributed.remote import submit
 
     d = _fresh(pristine, work)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}

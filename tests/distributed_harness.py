@@ -54,6 +54,7 @@ from tests.fixtures_redis import (
 from tests.helpers import Row, archive_rows, oracle_rows, snapshot
 from workers import storage
 from workers.checkpoint import checkpoint_timestamp
+from workers.distributed import names
 from workers.generate import Level, Metric, write_checkpoint
 from workers.sink import META_PREFIX, footer_sources
 
@@ -318,8 +319,8 @@ class Deployment:
     def app(self) -> Any:
         """A Celery client app on this deployment's Redis (the workers' settings)."""
         if self._app is None:
-            from workers.celery import make_app
             from workers.config import load_settings
+            from workers.distributed.app import make_app
 
             saved = dict(os.environ)
             try:
@@ -378,8 +379,8 @@ class Deployment:
         return str(self.app().send_task(name, args=args, kwargs=kwargs).id)
 
     def send_plan(self, cutoff: int, **kwargs: Any) -> str:
-        """Send `ccarchive.plan` like beat does (no client follows the run); its task id."""
-        result = self.app().send_task("ccarchive.plan", kwargs={"cutoff": cutoff, **kwargs})
+        """Send the planning task (`names.PLAN`) like beat does (no client follows the run); its task id."""
+        result = self.app().send_task(names.PLAN, kwargs={"cutoff": cutoff, **kwargs})
         return str(result.id)
 
     def start_beat(self, name: str, interval: str = "1s") -> Proc:
@@ -394,12 +395,12 @@ class Deployment:
     def reports(self) -> list[dict[str, Any]]:
         """The cluster reports in Redis, oldest first."""
         return [
-            json.loads(r) for r in reversed(self.redis.client().lrange("ccarchive:reports", 0, -1))
+            json.loads(r) for r in reversed(self.redis.client().lrange(names.REPORTS_KEY, 0, -1))
         ]
 
     def locks(self) -> list[bytes]:
         """Cluster lock keys held right now."""
-        return list(self.redis.client().keys("ccarchive:lock:*"))
+        return list(self.redis.client().keys(names.LOCK_PREFIX + "*"))
 
     def busy(self) -> str | None:
         """What is still going on (a queued, unacknowledged or running task), or None."""
@@ -468,7 +469,7 @@ class Deployment:
             tasks = requests.get(f"{base}/api/tasks", auth=auth, timeout=5).json()
             if any(tasks.get(p, {}).get("state") == "SUCCESS" for p in probes):
                 return True
-            probes.append(str(self.app().send_task("ccarchive.discover", args=["probe"]).id))
+            probes.append(str(self.app().send_task(names.DISCOVER, args=["probe"]).id))
             return False
 
         wait_until(probed, 30, "Flower to see task events", interval=0.3)

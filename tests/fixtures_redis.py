@@ -197,8 +197,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 def make_test_app(broker_url: str) -> Any:
     """A Celery client app on the test Redis (for ping and inspection; never eager)."""
-    from workers.celery import make_app
     from workers.config import Settings
+    from workers.distributed.app import make_app
 
     return make_app(Settings(broker_url=broker_url))
 

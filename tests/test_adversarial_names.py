@@ -342,7 +342,8 @@ def test_refused_cluster_directories_in_the_distributed_plan(
 ) -> None:
     """Celery path: discover reports them, launch makes each a cluster report with the
     reason (no task, no lock), and the client shows them like any report (exit 1)."""
-    from workers import remote, tasks
+    from workers import tasks
+    from workers.distributed import remote
 
     cp = tmp_path / "cp"
     cp.mkdir()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_redis import CELERY, Proc, Processes, RedisServer, clean_env, wait_until
+from workers.distributed import names
 
 DB = 12
 SENT = "Sending due task ccarchive-run"
@@ -39,11 +40,13 @@ def test_only_one_of_two_beats_schedules_and_the_other_takes_over(
     assert one.count(SENT) >= 3, one
     assert SENT not in two, two  # the second beat never fired
     refusals = [ln for ln in two.splitlines() if REFUSED in ln]
-    assert all(" ERROR " in ln and "ccarchive:beat" in ln for ln in refusals), refusals
+    assert all(" ERROR " in ln and names.BEAT_LEASE_KEY in ln for ln in refusals), refusals
     assert REFUSED not in one
 
     # The first beat stops cleanly (gives the lease back): the second takes over.
     processes.stop(first)
     wait_until(lambda: SENT in second.output(), 30, "the second beat to take over")
-    assert "holds ccarchive:beat; scheduling" in second.output()
-    assert redis_server.client(DB).get("ccarchive:beat").decode().split(":")[1] == str(second.pid)
+    assert f"holds {names.BEAT_LEASE_KEY}; scheduling" in second.output()
+    assert redis_server.client(DB).get(names.BEAT_LEASE_KEY).decode().split(":")[1] == str(
+        second.pid
+    )

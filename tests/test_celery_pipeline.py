@@ -49,8 +49,8 @@ from tests.fixtures_redis import (
     worker_argv,
 )
 from tests.helpers import Row, archive_rows, oracle_rows, snapshot, sort_key
-from workers import remote
 from workers.cli import main as cli_main
+from workers.distributed import names, remote
 from workers.generate import Level, Metric, write_checkpoint
 
 DB = 1  # this module's Redis database
@@ -85,7 +85,7 @@ class Cluster:
 
     def reports(self) -> list[dict[str, Any]]:
         """The report log (newest first)."""
-        raw = self.redis.client(DB).lrange("ccarchive:reports", 0, -1)
+        raw = self.redis.client(DB).lrange(names.REPORTS_KEY, 0, -1)
         return [json.loads(r) for r in raw]
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -314,7 +314,9 @@ def test_beat_triggers_a_whole_run_end_to_end(
     reports = wait_until(first_run, 60, "the reports of the beat run", interval=0.2)
     # Only now: stopping beat while it publishes would lose the message it is sending.
     processes.stop(beat)
-    wait_until(lambda: not c.redis.client(DB).keys("ccarchive:lock:*"), 30, "later runs to end")
+    wait_until(
+        lambda: not c.redis.client(DB).keys(names.LOCK_PREFIX + "*"), 30, "later runs to end"
+    )
     events = watcher.events()
     watcher.close()
     (cp / "fritz" / "f0002").chmod(0o755)
@@ -369,7 +371,7 @@ def test_beat_triggers_a_whole_run_end_to_end(
 
     # Nothing left behind: staging of the run removed, every cluster lock released.
     assert list(c.staging.iterdir()) == []
-    assert c.redis.client(DB).keys("ccarchive:lock:*") == []
+    assert c.redis.client(DB).keys(names.LOCK_PREFIX + "*") == []
 
 
 def _flower(processes: Processes, c: Cluster) -> tuple[str, tuple[str, str]]:
@@ -399,7 +401,7 @@ def _flower(processes: Processes, c: Cluster) -> tuple[str, tuple[str, str]]:
         tasks = requests.get(f"{base}/api/tasks", auth=auth, timeout=5).json()
         if any(tasks.get(p, {}).get("state") == "SUCCESS" for p in probes):
             return True
-        probes.append(app.send_task("ccarchive.discover", args=["flower-probe"]).id)
+        probes.append(app.send_task(names.DISCOVER, args=["flower-probe"]).id)
         return False
 
     wait_until(probed, 30, "Flower to see task events", interval=0.3)
@@ -428,9 +430,9 @@ def test_cli_broker_run_shows_in_flower(celery_cluster: Cluster, processes: Proc
     assert not any(p.exists() for ps in files.values() for p in ps)
 
     wanted = {
-        "ccarchive.load_host": 4,
-        "ccarchive.finalize_cluster": 1,
-        "ccarchive.delete_files": 4,
+        names.LOAD_HOST: 4,
+        names.FINALIZE_CLUSTER: 1,
+        names.DELETE_FILES: 4,
     }
 
     def listed() -> dict[str, int] | None:
@@ -614,7 +616,7 @@ def test_an_existing_archive_with_other_content_fails_finalize_and_keeps_files(
     assert "error: taken: archive not written, all files kept: ArchiveConflict" in done.stderr
     assert existing.read_bytes() == content
     assert all(p.exists() for p in files)
-    assert c.redis.client(DB).keys("ccarchive:lock:*") == []
+    assert c.redis.client(DB).keys(names.LOCK_PREFIX + "*") == []
     assert list(c.staging.iterdir()) == []
 
 

@@ -32,6 +32,7 @@ from tests.fixtures_redis import (
     wait_for_workers,
     wait_until,
 )
+from workers.distributed import names
 from workers.generate import Level, Metric, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +185,7 @@ def test_app_services_start_as_local_processes(
     assert len(list((archive / "fritz").glob("*.parquet"))) == 1
     assert len(list((archive / "alex").glob("*.parquet"))) == 1
     storage_log = started["worker-storage-a"].output()
-    assert "ccarchive.load_host" in storage_log and "fritz" in storage_log
+    assert names.LOAD_HOST in storage_log and "fritz" in storage_log
     # Beat fires every second: the next run may have marked its staging directory already;
     # each run removes its own once its clusters are done.
     wait_until(lambda: os.listdir(mounts["/data/staging"]) == [], 30, "staging to be removed")

@@ -46,6 +46,7 @@ from tests.distributed_harness import (
 from tests.fixtures_redis import CCARCHIVE, clean_env, wait_until
 from tests.fixtures_s3 import KEY_ID, S3Bucket, S3Proxy
 from tests.helpers import archive_argv, snapshot
+from workers.distributed import names
 from workers.generate import Level, Metric, write_checkpoint
 from workers.locks import DirectoryLock
 
@@ -175,7 +176,7 @@ def test_a_broken_chord_releases_the_cluster_lock(deployment: Factory) -> None:
         if (d.meta(t)["result"] or {}).get("pid") == pid  # STARTED: {"pid", "hostname"}
     )
     entry, task_id = stalled
-    lock = f"ccarchive:lock:{entry['cluster']}".encode()
+    lock = names.lock_key(entry["cluster"]).encode()
     assert lock in d.locks()
 
     app.control.revoke(task_id, terminate=True, signal="SIGKILL")
@@ -226,7 +227,7 @@ def test_a_finalize_delivered_twice_runs_next_to_itself_and_both_succeed(
 
     # The second delivery: same task, same id, same arguments, on the other worker.
     d.app().send_task(
-        "ccarchive.finalize_cluster", args=[loads], kwargs=kwargs, task_id=entry["finalize"]
+        names.FINALIZE_CLUSTER, args=[loads], kwargs=kwargs, task_id=entry["finalize"]
     )
     wait_until(lambda: not any(d.checkpoints.rglob("*.json")), 30, "the twin's deletions")
     # The twin's report is pushed after its staging cleanup and lock release: only then is
@@ -531,7 +532,7 @@ def test_hostile_names_in_task_messages_touch_nothing_outside_the_roots(
         ("c0", "h0\nFORGED LOG LINE", CUTOFF, "r1", "invalid host"),
     ]
     for cluster, host, cutoff, run_id, reason in loads:
-        result = call("ccarchive.load_host", cluster, host, cutoff, run_id)
+        result = call(names.LOAD_HOST, cluster, host, cutoff, run_id)
         [bad] = result["manifest"]["bad"]
         assert bad["reason"].startswith(f"refused: {reason}"), result
         assert result["manifest"]["files"] == []
@@ -543,11 +544,11 @@ def test_hostile_names_in_task_messages_touch_nothing_outside_the_roots(
         ("c0", "..", "1000.json"),
     ]:
         files = [{"name": name, "size": size, "rows": 0}]
-        result = call("ccarchive.delete_files", cluster, host, files, CUTOFF, "r1", False)
+        result = call(names.DELETE_FILES, cluster, host, files, CUTOFF, "r1", False)
         assert result["deleted"] == [] and result["kept"], result
         assert "invalid" in result["kept"][0]["reason"], result
     for cluster, host in [("..", "outside"), ("c0", ".."), ("../..", "tmp")]:
-        result = call("ccarchive.delete_expired", cluster, host, 10**12)
+        result = call(names.DELETE_EXPIRED, cluster, host, 10**12)
         assert result["deleted"] == [] and "invalid" in result["kept"][0]["reason"], result
 
     forged_calls: list[dict[str, Any]] = [
@@ -558,7 +559,7 @@ def test_hostile_names_in_task_messages_touch_nothing_outside_the_roots(
     for kwargs in forged_calls:
         report_id = str(uuid.uuid4())
         failed = call(
-            "ccarchive.finalize_cluster",
+            names.FINALIZE_CLUSTER,
             [],
             report=report(str(kwargs["cluster"]), str(kwargs["run_id"])),
             queues={},
@@ -583,7 +584,7 @@ def test_hostile_names_in_task_messages_touch_nothing_outside_the_roots(
         "recovered": [],
     }
     failed = call(
-        "ccarchive.finalize_cluster",
+        names.FINALIZE_CLUSTER,
         [forged],
         cluster="c0",
         cutoff=CUTOFF,
@@ -597,11 +598,11 @@ def test_hostile_names_in_task_messages_touch_nothing_outside_the_roots(
 
     # finish_cluster removes <staging>/<run_id>/<cluster>: "../archive" would be the archive.
     for cluster, run_id in [("archive", ".."), ("..", "x"), ("c0", "../..")]:
-        final = call("ccarchive.finish_cluster", [], report(cluster, run_id), "archive", now)
+        final = call(names.FINISH_CLUSTER, [], report(cluster, run_id), "archive", now)
         assert any(e.startswith("refused: invalid") for e in final["errors"]), final
 
     launched = call(
-        "ccarchive.launch",
+        names.LAUNCH,
         [{"queue": "celery", "clusters": [{"cluster": "../outside", "hosts": ["h"], "bad": []}]}],
         cutoff=CUTOFF,
         mode="archive",
@@ -610,7 +611,7 @@ def test_hostile_names_in_task_messages_touch_nothing_outside_the_roots(
         started=now,
     )
     assert launched["clusters"] == [] and "refused: invalid cluster" in launched["errors"][0]
-    planned = call("ccarchive.plan", cutoff=CUTOFF, clusters=["../outside"])
+    planned = call(names.PLAN, cutoff=CUTOFF, clusters=["../outside"])
     assert "invalid cluster" in planned["error"]
 
     d.wait_quiet()
@@ -682,7 +683,7 @@ def test_password_redis_and_s3_credentials_never_in_logs_messages_or_flower(
         requests.get(f"{base}/api/workers?refresh=1", auth=auth, timeout=30).text,
     ]
     tasks = json.loads(shown[0])
-    assert any(t.get("name") == "ccarchive.load_host" for t in tasks.values())
+    assert any(t.get("name") == names.LOAD_HOST for t in tasks.values())
     shown += [
         requests.get(f"{base}/api/task/info/{t}", auth=auth, timeout=10).text for t in list(tasks)
     ]

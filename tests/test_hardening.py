@@ -17,8 +17,9 @@ import s3fs
 
 from tests.fixtures_s3 import S3Bucket
 from workers import ops, recovery, sourcefiles, staging, steps, storage
-from workers.celery import _transport_options, celery_config
-from workers.config import Settings, mask_url, redis_client
+from workers.config import Settings, mask_url
+from workers.distributed.app import _transport_options, celery_config
+from workers.distributed.connection import redis_client
 from workers.manifest import ClusterReport, SourceFile
 
 MiB = 1 << 20

@@ -23,6 +23,7 @@ from tests.fixtures_s3 import free_port
 from tests.helpers import level, metric, write_json
 from workers import metrics
 from workers.cli import main
+from workers.distributed import names
 from workers.logs import ContextFilter, current_context, log_context, setup_logging
 from workers.manifest import BadFile, ClusterReport
 
@@ -150,8 +151,10 @@ def test_serve_is_once_per_process_and_stops() -> None:
 def test_celery_task_success_counts_cluster_reports_only() -> None:
     from celery import signals
 
-    metrics.install_celery()
-    metrics.install_celery()  # idempotent: one connection per handler
+    from workers.distributed import signals as hooks
+
+    hooks.install()
+    hooks.install()  # idempotent: one connection per handler
     report = ClusterReport(
         "m-celery", 500, "500-x", hosts=3, files_archived=6, files_deleted=6, rows=60
     )
@@ -160,7 +163,7 @@ def test_celery_task_success_counts_cluster_reports_only() -> None:
     rows0 = value("ccarchive_rows_archived_total", cluster="m-celery")
 
     class FakeTask:
-        name = "ccarchive.finish_cluster"
+        name = names.FINISH_CLUSTER
 
     signals.task_success.send(sender=FakeTask(), result=report.to_dict())
     # Per-host results and finalize's nested preliminary report are not counted again.

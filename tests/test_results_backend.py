@@ -17,7 +17,7 @@ from celery.app.task import Context
 from celery.backends.redis import RedisBackend
 
 from tests.fixtures_redis import RedisServer, make_test_app
-from workers.celery import RedisResults
+from workers.distributed.backend import RedisResults
 
 DB = 11  # this module's Redis database
 

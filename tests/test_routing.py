@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from workers.config import Settings
-from workers.routing import Rule, check_queue, make_router, parse_routes, select_hosts
+from workers.distributed.routing import Rule, check_queue, make_router, parse_routes, select_hosts
 
 EXAMPLE = {"fritz": "storage-a", "alex/a0*": "storage-b", "*/gpu[0-9]*": "storage-c"}
 

@@ -27,7 +27,7 @@ RUN_ID = "200-20260320T101500-3f2a9c1d"
 class _Capture(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.addFilter(logs.ContextFilter())  # as install_celery adds to Celery's handlers
+        self.addFilter(logs.ContextFilter())  # as workers.distributed.signals adds to Celery's
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.celery import make_app
 from workers.config import load_settings
+from workers.distributed.app import make_app
 
 
 @pytest.fixture(autouse=True)

@@ -286,7 +286,8 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
     configure_storage(settings)  # S3 endpoint, region, credentials for s3:// locations
     if args.broker is not None or os.environ.get("CCARCHIVE_BROKER_URL"):
-        from . import remote  # --broker (or CCARCHIVE_BROKER_URL): run on the Celery workers
+        # --broker (or CCARCHIVE_BROKER_URL): run on the Celery workers
+        from .distributed import remote
 
         return remote.cmd_archive(args, settings)
     if not settings.checkpoints:
@@ -1025,7 +1026,8 @@ def _closed_stdout() -> int:
 
 if __name__ == "__main__":
     # `python -m workers.cli`: run the imported module's main, not this `__main__` copy, or
-    # UsageError raised by workers.remote (workers.cli.UsageError) would not be caught here.
+    # UsageError raised by workers.distributed.remote (workers.cli.UsageError) would not be
+    # caught here.
     from workers.cli import main as _main
 
     sys.exit(_main())

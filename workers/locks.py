@@ -1,11 +1,10 @@
-"""One run per cluster at a time.
+"""One run per cluster at a time, on this machine's file systems: flock on the cluster directory.
 
 Embedded runs lock the cluster's checkpoint directory itself with flock(2): nothing is
 written into the tree, and the kernel drops the lock when the process dies (on a file
 system that cannot lock a directory, a local lock file stands in for it). Distributed
-runs hold a Redis key with an expiry that every task of the run renews; the finalize step
-checks that it still owns the key right before publishing, so a run whose lock expired
-can never commit next to the run that took over.
+runs hold a Redis key (`workers.distributed.locks`), and their workers hold the same
+directories shared (`RunHolds`) so that an embedded run sees them.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -196,44 +193,3 @@ def local_lock_dir() -> Path:
     if run_lock.is_dir() and os.access(run_lock, os.W_OK | os.X_OK):
         return run_lock
     return Path(tempfile.gettempdir())
-
-
-# Compare-and-act scripts: only the run that owns the key may renew or delete it.
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-
-
-@dataclass
-class RedisLock:
-    """A cluster lock in Redis owned by one run id; expires unless renewed."""
-
-    client: Any  # redis.Redis
-    cluster: str
-    run_id: str
-    ttl_seconds: float = 900.0
-    namespace: str = "ccarchive:lock"
-
-    @property
-    def key(self) -> str:
-        """The Redis key of this cluster's lock."""
-        return f"{self.namespace}:{self.cluster}"
-
-    def acquire(self) -> bool:
-        """Take the lock for this run if it is free; True on success."""
-        return bool(
-            self.client.set(self.key, self.run_id, nx=True, px=int(self.ttl_seconds * 1000))
-        )
-
-    def renew(self) -> bool:
-        """Extend the expiry if this run still owns the lock; False if it was lost."""
-        return bool(
-            self.client.eval(_RENEW, 1, self.key, self.run_id, int(self.ttl_seconds * 1000))
-        )
-
-    def owned(self) -> bool:
-        """True if this run holds the lock now (and renews it, so a commit has the full ttl)."""
-        return self.renew()
-
-    def release(self) -> None:
-        """Give the lock up if this run still owns it."""
-        self.client.eval(_RELEASE, 1, self.key, self.run_id)

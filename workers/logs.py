@@ -10,7 +10,8 @@ such a handler on the root logger, so lines from any library carry the context t
 The steps are wrapped with `step_context`, which takes the context from their arguments,
 so the steps themselves never deal with logging configuration. In Celery workers every
 task gets its context the same way, from its arguments (or the cluster report it carries),
-for the whole task: `install_celery` connects `task_prerun`/`task_postrun`.
+for the whole task (`task_started`/`task_ended`, which
+`workers.distributed.signals` connects to `task_prerun`/`task_postrun`).
 """
 
 from __future__ import annotations
@@ -177,25 +178,21 @@ def arguments_context(
     return found
 
 
-#: Context tokens of the tasks running in this process, by task id (prerun -> postrun).
+#: Context tokens of the tasks running in this process, by task id (start -> end).
 _TASK_TOKENS: dict[str, Token[Mapping[str, str]]] = {}
 
 
-def _task_started(
-    task_id: str | None = None,
-    task: Any = None,
-    args: Any = None,
-    kwargs: Any = None,
-    **_kwargs: Any,
+def task_started(
+    task_id: str, fn: Callable[..., Any] | None, args: Any, kwargs: Mapping[str, Any] | None
 ) -> None:
-    """task_prerun: the task's own context, for every line until it ends."""
-    fields = arguments_context(getattr(task, "run", None) or (lambda: None), args, kwargs)
-    _TASK_TOKENS[task_id or ""] = _CONTEXT.set(MappingProxyType(fields))
+    """A task began: its own context (from its arguments) for every line until it ends."""
+    fields = arguments_context(fn or (lambda: None), args, kwargs)
+    _TASK_TOKENS[task_id] = _CONTEXT.set(MappingProxyType(fields))
 
 
-def _task_ended(task_id: str | None = None, **_kwargs: Any) -> None:
-    """task_postrun: back to the worker's context."""
-    token = _TASK_TOKENS.pop(task_id or "", None)
+def task_ended(task_id: str) -> None:
+    """A task ended: back to the worker's context."""
+    token = _TASK_TOKENS.pop(task_id, None)
     if token is not None:
         try:
             _CONTEXT.reset(token)
@@ -203,36 +200,25 @@ def _task_ended(task_id: str | None = None, **_kwargs: Any) -> None:
             _CONTEXT.set(_EMPTY)
 
 
-def install_celery() -> None:
-    """In Celery workers: add the context filter and format to the handlers Celery sets up.
-
-    Celery configures logging itself (`--loglevel`, `--logfile`); this keeps that and only
-    makes every line carry run, cluster and host, which each task takes from its arguments.
-    """
-    from celery import signals  # deferred: the embedded runner never imports Celery
-
-    def _annotate(logger: logging.Logger, **_kwargs: Any) -> None:
-        for handler in logger.handlers:
-            if not any(isinstance(f, ContextFilter) for f in handler.filters):
-                handler.addFilter(ContextFilter())
-                handler.setFormatter(formatter())
-
-    signals.after_setup_logger.connect(_annotate, weak=False, dispatch_uid="ccarchive-logs")
-    signals.after_setup_task_logger.connect(
-        _annotate, weak=False, dispatch_uid="ccarchive-task-logs"
-    )
-    signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="ccarchive-logs")
-    signals.task_postrun.connect(_task_ended, weak=False, dispatch_uid="ccarchive-logs")
+def annotate_handlers(logger: logging.Logger) -> None:
+    """Give a logger's handlers the context filter and format (once each), keeping the
+    handlers themselves: how Celery's own logging setup gets run, cluster and host."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, ContextFilter) for f in handler.filters):
+            handler.addFilter(ContextFilter())
+            handler.setFormatter(formatter())
 
 
 __all__ = [
     "FIELDS",
     "ContextFilter",
+    "annotate_handlers",
     "arguments_context",
     "current_context",
     "ensure_logging",
-    "install_celery",
     "log_context",
     "setup_logging",
     "step_context",
+    "task_ended",
+    "task_started",
 ]

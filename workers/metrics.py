@@ -3,9 +3,9 @@
 The steps know nothing about metrics. What feeds them:
 
 - the embedded runner calls `observe_cluster(report)` when a cluster is done;
-- in Celery workers, `install_celery()` connects `task_success`, where the result of the
-  task that ends a cluster (its ClusterReport, as JSON) is counted the same way, and
-  `worker_init`, which starts the HTTP endpoint in the worker's main process.
+- in Celery workers, `workers.distributed.signals` passes every task result to
+  `observe_task_result`, which counts the one that ends a cluster (its ClusterReport, as
+  JSON) the same way, and starts the HTTP endpoint in the worker's main process.
 
 Exposed (all labelled `cluster`): `ccarchive_rows_archived_total`,
 `ccarchive_files_archived_total`, `ccarchive_files_deleted_total`,
@@ -395,7 +395,7 @@ def configure(settings: Any) -> Endpoint | None:
     return serve(settings.metrics_port, settings.metrics_addr)
 
 
-# --- Celery ------------------------------------------------------------------------------
+# --- task results (what Celery workers feed in) ------------------------------------------
 
 
 #: The keys by which a task result is recognised as a cluster's final report.
@@ -421,48 +421,22 @@ def observe_task_result(result: Any) -> bool:
     return True
 
 
-def install_celery() -> None:
-    """Feed the metrics from Celery task results and serve them from the worker.
+def process_exited(pid: int) -> None:
+    """A process that counted metrics is gone: in multiprocess mode (prefork workers) its
+    live gauges must stop counting towards the endpoint's totals."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
 
-    Call once where the Celery app is built. Signals are process-global, so this needs no
-    app object; `dispatch_uid` makes a second call harmless.
-    """
-    from celery import signals  # deferred: the embedded runner never imports Celery
-
-    def _on_success(sender: Any = None, result: Any = None, **_kwargs: Any) -> None:
-        try:
-            observe_task_result(result)
-        except Exception:  # metrics must never fail a task
-            log.exception("cannot count the result of %s", getattr(sender, "name", sender))
-
-    def _on_worker_init(**_kwargs: Any) -> None:
-        from .config import load_settings
-
-        try:
-            configure(load_settings())
-        except OSError as exc:  # no endpoint is better than no worker
-            log.error("cannot serve metrics: %s", exc)
-
-    def _on_process_exit(pid: int | None = None, **_kwargs: Any) -> None:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
-
-    signals.task_success.connect(_on_success, weak=False, dispatch_uid="ccarchive-metrics")
-    signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="ccarchive-metrics")
-    signals.worker_process_shutdown.connect(
-        _on_process_exit, weak=False, dispatch_uid="ccarchive-metrics"
-    )
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 __all__ = [
     "Endpoint",
     "configure",
-    "install_celery",
     "observe_cluster",
     "observe_task_result",
     "outcome",
+    "process_exited",
     "read_textfile",
     "serve",
     "set_textfile",

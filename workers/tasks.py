@@ -41,19 +41,15 @@ from celery import Task, chord
 from celery.canvas import Signature
 from celery.exceptions import ChordError
 
-from . import ops, recovery, roots, routing, sink, staging, steps
-from .celery import app
-from .config import (
-    Settings,
-    configure_storage,
-    load_settings,
-    mask_url,
-    parse_duration,
-    redis_client,
-)
-from .locks import LockBusy, RedisLock, RunHolds
-from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest, SourceFile
-from .runner import new_run_id
+from workers import ops, recovery, roots, sink, staging, steps
+from workers.config import Settings, configure_storage, load_settings, mask_url, parse_duration
+from workers.distributed import routing
+from workers.distributed.app import app
+from workers.distributed.connection import redis_client
+from workers.distributed.locks import RedisLock
+from workers.locks import LockBusy, RunHolds
+from workers.manifest import BadFile, ClusterReport, DeleteResult, HostManifest, SourceFile
+from workers.runner import new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +292,7 @@ def plan(
 
 def _queues_problem(s: Settings) -> str | None:
     """Why the run cannot start because a queue it needs has no worker, or None."""
-    from .remote import needed_queues, no_worker_message, queues_without_worker
+    from workers.distributed.remote import needed_queues, no_worker_message, queues_without_worker
 
     # This worker cannot answer the broadcast itself while it runs a task in the solo
     # pool: count the queues it consumes (set by -Q) as answered.

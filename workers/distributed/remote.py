@@ -23,8 +23,11 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from .config import Settings, Unreachable, check_reachable, mask_url, redis_client
-from .manifest import ClusterReport
+from ..config import Settings, mask_url
+from ..manifest import ClusterReport
+from . import names
+from .connection import Unreachable, check_reachable, redis_client
+from .routing import make_router
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,7 @@ class _Liveness:
     def lock_holder(self, cluster: str) -> str | None:
         """The run id holding the cluster's lock now (None: free); ours if unknown."""
         try:
-            holder = self.client.get(f"ccarchive:lock:{cluster}")
+            holder = self.client.get(names.lock_key(cluster))
         except BROKER_ERRORS:
             return self.run_id
         return holder.decode() if isinstance(holder, bytes) else holder
@@ -195,8 +198,6 @@ QUEUE_CHECK_SECONDS = 1.5
 def needed_queues(settings: Settings) -> list[str]:
     """Every queue a run sends tasks to: discovery goes to all of them, so one without a
     worker holds up the whole run, not only its own hosts."""
-    from .routing import make_router
-
     router = make_router(settings.routes, settings.default_queue, settings.finalize_queue)
     return list(dict.fromkeys([*router.queues(), router.finalize_queue]))
 
@@ -239,7 +240,7 @@ def submit(
     poll_seconds: float = 0.25,
 ) -> RemoteRun:
     """Run one pass on the Celery workers reachable through `settings.broker_url`."""
-    from .celery import make_app  # deferred: importing Celery costs a few hundred ms
+    from .app import make_app  # deferred: importing it builds the environment's app too
 
     notify = progress or (lambda _event, _cluster, _detail: None)
     # Before Celery: kombu would retry a refused connection for many seconds and wait
@@ -272,7 +273,7 @@ def submit(
         started = time.perf_counter()
         plan_id = str(uuid.uuid4())
         app.send_task(
-            "ccarchive.plan",
+            names.PLAN,
             kwargs={
                 "cutoff": cutoff,
                 "mode": mode,
@@ -403,7 +404,7 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
     """`ccarchive archive` on the Celery cluster: same summary and exit codes as embedded."""
     from rich.console import Console
 
-    from .cli import (
+    from ..cli import (
         EXIT_OK,
         EXIT_REPORTED,
         EXIT_USAGE,
