@@ -218,3 +218,29 @@ def test_dockerfile_installs_dependencies_before_copying_the_code(tmp_path: Path
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = [*project["dependencies"], *project["optional-dependencies"]["flower"]]
     assert out.strip().endswith(repr(wanted)[1:]), out
+
+
+def test_the_image_installs_every_package(tmp_path: Path) -> None:
+    """`pip install .` in the image installs every package of workers/ and beat/
+    (workers.distributed included): setuptools' package finder, configured as in
+    pyproject.toml, over exactly what the Dockerfile copies finds all of them and nothing else."""
+    import shutil
+    import tomllib
+
+    from setuptools import find_namespace_packages, find_packages
+
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", "")
+    copied = [ln.split()[1] for ln in text.splitlines() if ln.startswith("COPY ")]
+    for source in copied:
+        if (REPO / source).is_dir():  # as Docker copies it, caches and all
+            shutil.copytree(REPO / source, tmp_path / source)
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    finder = find_namespace_packages if find["find"].get("namespaces", True) else find_packages
+    found = set(finder(str(tmp_path), include=find["find"]["include"]))
+    packages = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for top in ("workers", "beat")
+        for init in (REPO / top).rglob("__init__.py")
+    }
+    assert "workers.distributed" in packages
+    assert found == packages
