@@ -1,7 +1,8 @@
 """cc-metric-archiver: ClusterCockpit metric checkpoints to one sorted Parquet file per cluster.
 
-The Celery app lives in `workers.celery` (found by `celery -A workers`); importing this
-package stays light so the CLI and the embedded runner start fast.
+The Celery app and everything else that imports celery, kombu or redis live in
+`workers.distributed` (`celery -A workers` finds the app through `workers.celery`);
+importing this package stays light so the CLI and the embedded runner start fast.
 """
 
 from importlib.metadata import PackageNotFoundError, version

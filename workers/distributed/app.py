@@ -93,7 +93,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Workers may start before Redis (docker compose): keep retrying instead of exiting.
         "broker_connection_retry_on_startup": True,
         # Queues: unrouted work goes to the default queue; routed per-host tasks name their
-        # queue explicitly when they are sent (workers.routing).
+        # queue explicitly when they are sent (workers.distributed.routing).
         "task_default_queue": settings.default_queue,
         "task_create_missing_queues": True,
         # Workers log in UTC like the timestamps in the file names.
