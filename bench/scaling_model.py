@@ -1,0 +1,149 @@
+"""Wall time of one archive run of a large cluster on N storage nodes, from measured costs.
+
+A model, not a measurement: per-host load cost and finalize's rows per CPU-second come
+from `bench.finalize_rate` (measured); the cluster's size, the cores per node, the network
+and the stitch's copy rate are assumptions, named in `Cluster` and `Costs`.
+
+    python -m bench.scaling_model --load-us-per-row 0.025 --finalize-m-rows 27
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The run being modelled (issue 13: a 3,000-node cluster, ~2 billion rows per run)."""
+
+    hosts: int = 3_000
+    rows: float = 2e9
+    cores_per_node: int = 2
+    #: Network of the finalize node (10 GbE, an assumption): it pulls every staged chunk.
+    network_bytes_per_s: float = 1.25e9
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-row costs: the first four measured, the last two estimates for the stitched design."""
+
+    load_s_per_row: float  # steps.load_host, CPU-s per row (measured)
+    finalize_rows_per_s: float  # steps.finalize_cluster, rows per CPU-s (measured)
+    chunk_bytes_per_row: float  # staged Arrow IPC (lz4) chunk (measured)
+    archive_bytes_per_row: float  # the Parquet archive (measured)
+    #: Encoding a host's row group inside its load task, CPU-s per row. Estimate: finalize's
+    #: own cost (which also reads the chunk back and checks its digest), so an upper bound.
+    encode_s_per_row: float | None = None
+    #: Stitching: copying encoded row groups byte for byte into the archive (estimate: a
+    #: sequential copy through one process, page cache to local disk or the network).
+    stitch_bytes_per_s: float = 1e9
+
+
+@dataclass(frozen=True)
+class Wall:
+    """Modelled wall seconds of one run on `nodes` storage nodes."""
+
+    nodes: int
+    load: float  # all loads, parallel over every core (no finalize)
+    finalize: float  # the serial finalize, one core
+    chord: float  # finalize after the last load (the Celery chord)
+    streamed: float  # finalize follows the loads host by host on one core of one node
+    stitched: float  # loads encode their row groups; finalize copies bytes (estimate)
+
+    @property
+    def serial_share(self) -> float:
+        """Share of the chord run's wall time spent in the serial finalize."""
+        return self.finalize / self.chord
+
+
+def wall(costs: Costs, nodes: int, cluster: Cluster = Cluster()) -> Wall:
+    """The modelled run: equal hosts, loads spread evenly, no scheduling overhead."""
+    per_host_rows = cluster.rows / cluster.hosts
+    t_load = costs.load_s_per_row * per_host_rows  # one host's load, one core
+    t_write = per_host_rows / costs.finalize_rows_per_s  # one host through finalize
+    cores = nodes * cluster.cores_per_node
+    finalize = cluster.rows / costs.finalize_rows_per_s
+    pull = cluster.rows * costs.chunk_bytes_per_row / cluster.network_bytes_per_s
+    # The serial step reads the chunks from shared staging while it writes: it takes the
+    # longer of its CPU time and the transfer (single node: local, no transfer).
+    serial = max(finalize, pull if nodes > 1 else 0.0)
+    load = math.ceil(cluster.hosts / cores) * t_load
+    chord = load + serial
+    # Streamed: one core writes, the others load; the writer is done one host after the
+    # last load at the earliest, and never before its own serial work is done.
+    load_minus_writer = math.ceil(cluster.hosts / max(cores - 1, 1)) * t_load
+    streamed = max(load_minus_writer + t_write, t_load + serial)
+    encode = (
+        costs.encode_s_per_row
+        if costs.encode_s_per_row is not None
+        else 1 / costs.finalize_rows_per_s
+    )
+    out_bytes = cluster.rows * costs.archive_bytes_per_row
+    copy = out_bytes / min(
+        costs.stitch_bytes_per_s, cluster.network_bytes_per_s if nodes > 1 else math.inf
+    )
+    stitched = math.ceil(cluster.hosts / cores) * (t_load + encode * per_host_rows) + copy
+    return Wall(nodes, load, serial, chord, streamed, stitched)
+
+
+def render_model(costs_by_shape: dict[str, Costs], nodes: tuple[int, ...] = (1, 4, 16, 64)) -> str:
+    """One Markdown table per input shape: modelled wall seconds per node count."""
+    c = Cluster()
+    lines = [
+        f"Model: {c.hosts:,} hosts, {c.rows / 1e9:.0f} billion rows per run "
+        f"({c.rows / c.hosts:,.0f} rows = one row group per host), {c.cores_per_node} cores "
+        f"per storage node, finalize node on {c.network_bytes_per_s * 8 / 1e9:.0f} Gbit/s. "
+        "Wall seconds; loads parallel over all cores, finalize serial on one core.",
+    ]
+    for shape, costs in costs_by_shape.items():
+        per_host = costs.load_s_per_row * c.rows / c.hosts
+        lines += [
+            "",
+            f"**{shape}**: load {per_host:.2f} CPU-s per host "
+            f"({1 / costs.load_s_per_row / 1e6:.1f} M rows/CPU-s), finalize "
+            f"{costs.finalize_rows_per_s / 1e6:.1f} M rows/CPU-s.",
+            "",
+            "| storage nodes | cores | all loads | serial finalize | chord (Celery today) "
+            "| serial share | streamed (embedded today) | stitched (estimate) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n in nodes:
+            w = wall(costs, n, c)
+            lines.append(
+                f"| {n} | {n * c.cores_per_node} | {w.load:.0f} | {w.finalize:.0f} | {w.chord:.0f} "
+                f"| {w.serial_share:.0%} | {w.streamed:.0f} | {w.stitched:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the model's table for costs given on the command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.scaling_model", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--load-us-per-row", type=float, required=True, help="measured load CPU µs per row"
+    )
+    p.add_argument(
+        "--finalize-m-rows", type=float, required=True, help="measured finalize M rows/CPU-s"
+    )
+    p.add_argument("--chunk-bytes-per-row", type=float, default=4.0)
+    p.add_argument("--archive-bytes-per-row", type=float, default=0.83)
+    p.add_argument("--stitch-mb-per-s", type=float, default=1000.0)
+    opts = p.parse_args(argv)
+    costs = Costs(
+        load_s_per_row=opts.load_us_per_row * 1e-6,
+        finalize_rows_per_s=opts.finalize_m_rows * 1e6,
+        chunk_bytes_per_row=opts.chunk_bytes_per_row,
+        archive_bytes_per_row=opts.archive_bytes_per_row,
+        stitch_bytes_per_s=opts.stitch_mb_per_s * 1e6,
+    )
+    print(render_model({"given costs": costs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
