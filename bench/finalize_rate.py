@@ -25,36 +25,9 @@ from typing import Any
 
 from bench.run import _machine, _probe
 from bench.scaling_model import Costs, render_model
-
-#: name -> (description, generate_tree keyword arguments). Row groups are hosts (SPEC §4).
-TREES: dict[str, tuple[str, dict[str, Any]]] = {
-    "big-bin": (
-        "8 hosts x 1 node file (720 samples), binary: ~700 k rows per host",
-        {"hosts": 8, "shape": "node", "samples": 720, "fmt": "bin", "files_per_host": 1},
-    ),
-    "big-json": (
-        "the same 8 hosts, JSON",
-        {"hosts": 8, "shape": "node", "samples": 720, "fmt": "json", "files_per_host": 1},
-    ),
-    "big-hourly": (
-        "8 hosts x 12 hourly files (60 samples), mixed JSON/binary: ~700 k rows per host",
-        {"hosts": 8, "shape": "hourly", "samples": 60, "fmt": "mixed", "files_per_host": 12},
-    ),
-    "small-hourly": (
-        "96 hosts x 1 hourly file (60 samples), mixed: ~58 k rows per host",
-        {"hosts": 96, "shape": "hourly", "samples": 60, "fmt": "mixed", "files_per_host": 1},
-    ),
-}
-#: Trees whose finalize is measured: one with big row groups, one with small ones.
-FINALIZE_ON = ("big-bin", "big-hourly", "small-hourly")
-
-
-def _generate(root: Path, **kwargs: Any) -> dict[str, Any]:
-    from workers.generate import generate_tree
-
-    shutil.rmtree(root, ignore_errors=True)
-    s = generate_tree(root, ["fritz"], seed=1, workers=os.cpu_count() or 1, **kwargs)
-    return {"rows": s.values, "bytes": s.bytes, "files": s.files, "hosts": s.hosts}
+from bench.shapes import FINALIZE_ON, TREES, generate
+from bench.stitch import measure as measure_stitch
+from bench.stitch import render as stitch_table
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float:
@@ -66,7 +39,7 @@ def measure_tree(name: str, work: Path, cutoff: int, turns: int) -> dict[str, An
     desc, kwargs = TREES[name]
     tree = work / f"tree-{name}"
     print(f"{name}: generating ({desc}) ...", flush=True)
-    gen = _generate(tree, **kwargs)
+    gen = generate(tree, **kwargs)
     staging, archive = work / f"staging-{name}", work / f"archive-{name}"
     manifests = work / f"manifests-{name}.json"
     load_args = {
@@ -153,6 +126,13 @@ def render(res: dict[str, Any]) -> str:
             f"| {t['load_cpu_per_host']:.3f} | {t['load_cpu_per_row'] * 1e6:.3f} | {fin} "
             f"| {t['chunk_bytes_per_row']:.2f} | {avg} |"
         )
+    if res.get("stitch"):
+        lines += [
+            "",
+            "Prototype (bench/stitch.py): each host's row group written alone, then stitched.",
+            "",
+            stitch_table(res["stitch"]),
+        ]
     lines += ["", render_model(costs_from(res))]
     return "\n".join(lines)
 
@@ -160,20 +140,22 @@ def render(res: dict[str, Any]) -> str:
 def costs_from(res: dict[str, Any]) -> dict[str, Costs]:
     """The model's inputs per input shape, from measured trees."""
     trees = res["trees"]
-    big = trees["big-bin"]
     out = {}
-    for label, load_tree in (
-        ("12 h node files, binary", "big-bin"),
-        ("12 h node files, JSON", "big-json"),
-        ("hourly files (12 per host), mixed", "big-hourly"),
+    stitched = {r["tree"]: r for r in res.get("stitch", [])}
+    for label, load_tree, rows_tree in (
+        ("12 h node files, binary", "big-bin", "big-bin"),
+        ("12 h node files, JSON", "big-json", "big-bin"),  # same rows as big-bin
+        ("hourly files (12 per host), mixed", "big-hourly", "big-hourly"),
     ):
-        t = trees[load_tree]
-        fin = t if "finalize_cpu" in t else big
+        t, fin = trees[load_tree], trees[rows_tree]
+        s = stitched.get(rows_tree)
         out[label] = Costs(
             load_s_per_row=t["load_cpu_per_row"],
             finalize_rows_per_s=fin["finalize_rows_per_cpu_s"],
             chunk_bytes_per_row=t["chunk_bytes_per_row"],
             archive_bytes_per_row=fin["archive_bytes_per_row"],
+            encode_s_per_row=s["parts_cpu"] / s["rows"] if s else None,
+            stitch_s_per_host=s["stitch_cpu"] / s["hosts"] if s else None,
         )
     return out
 
@@ -189,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workdir", default="/tmp/ccarchive-finalize-rate")
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument(
+        "--no-stitch", dest="stitch", action="store_false", help="skip bench/stitch.py's prototype"
+    )
     p.add_argument("--render", help="print the report of an earlier --json file, measure nothing")
     opts = p.parse_args(argv)
     if opts.render:
@@ -200,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"machine": _machine(), "turns": opts.turns, "trees": {}}
     for name in opts.trees.split(","):
         res["trees"][name] = measure_tree(name, work, cutoff, opts.turns)
+    if opts.stitch:
+        res["stitch"] = [
+            measure_stitch(name, work / f"stitch-{name}", 2)
+            for name in FINALIZE_ON
+            if name in res["trees"]
+        ]
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.json).write_text(json.dumps(res, indent=1))

@@ -28,18 +28,20 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Costs:
-    """Per-row costs: the first four measured, the last two estimates for the stitched design."""
+    """Per-row costs of today's steps (measured) and of the stitched design (bench/stitch.py)."""
 
     load_s_per_row: float  # steps.load_host, CPU-s per row (measured)
     finalize_rows_per_s: float  # steps.finalize_cluster, rows per CPU-s (measured)
     chunk_bytes_per_row: float  # staged Arrow IPC (lz4) chunk (measured)
     archive_bytes_per_row: float  # the Parquet archive (measured)
-    #: Encoding a host's row group inside its load task, CPU-s per row. Estimate: finalize's
-    #: own cost (which also reads the chunk back and checks its digest), so an upper bound.
+    #: Encoding a host's row group inside its load task, CPU-s per row: measured by
+    #: bench/stitch.py; None: finalize's own rate (which also reads the chunk back), an upper bound.
     encode_s_per_row: float | None = None
-    #: Stitching: copying encoded row groups byte for byte into the archive (estimate: a
-    #: sequential copy through one process, page cache to local disk or the network).
-    stitch_bytes_per_s: float = 1e9
+    #: Stitching one host's row group into the archive (byte copy, offsets, page index and
+    #: footer entries), CPU-s: measured by bench/stitch.py (pure Python); None: estimated
+    #: from the archive's bytes at `stitch_bytes_per_s`.
+    stitch_s_per_host: float | None = None
+    stitch_bytes_per_s: float = 1e9  # an assumption: one sequential copy
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Wall:
     finalize: float  # the serial finalize, one core
     chord: float  # finalize after the last load (the Celery chord)
     streamed: float  # finalize follows the loads host by host on one core of one node
-    stitched: float  # loads encode their row groups; finalize copies bytes (estimate)
+    stitched: float  # loads encode their row groups; finalize copies bytes (a prototype)
 
     @property
     def serial_share(self) -> float:
@@ -82,9 +84,12 @@ def wall(costs: Costs, nodes: int, cluster: Cluster = Cluster()) -> Wall:
         else 1 / costs.finalize_rows_per_s
     )
     out_bytes = cluster.rows * costs.archive_bytes_per_row
-    copy = out_bytes / min(
-        costs.stitch_bytes_per_s, cluster.network_bytes_per_s if nodes > 1 else math.inf
-    )
+    if costs.stitch_s_per_host is not None:
+        copy = cluster.hosts * costs.stitch_s_per_host
+    else:
+        copy = out_bytes / costs.stitch_bytes_per_s
+    # The finalize node pulls the encoded row groups (not the larger chunks) from staging.
+    copy = max(copy, out_bytes / cluster.network_bytes_per_s if nodes > 1 else 0.0)
     stitched = math.ceil(cluster.hosts / cores) * (t_load + encode * per_host_rows) + copy
     return Wall(nodes, load, serial, chord, streamed, stitched)
 
@@ -107,7 +112,7 @@ def render_model(costs_by_shape: dict[str, Costs], nodes: tuple[int, ...] = (1, 
             f"{costs.finalize_rows_per_s / 1e6:.1f} M rows/CPU-s.",
             "",
             "| storage nodes | cores | all loads | serial finalize | chord (Celery today) "
-            "| serial share | streamed (embedded today) | stitched (estimate) |",
+            "| serial share | streamed (embedded today) | stitched (prototype costs) |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for n in nodes:
