@@ -3,6 +3,7 @@ wall time of one run of a large cluster on 1 to 64 storage nodes (docs/scaling.m
 
     python -m bench.finalize_rate                  # 4 trees, 3 turns each, ~3 min on 2 cores
     python -m bench.finalize_rate --turns 5 --json bench/results/finalize_rate.json
+    python -m bench.finalize_rate --render bench/results/finalize_rate.json --readme
 
 Every step runs in a fresh interpreter through `bench.probes` (load: `steps.load_host` for
 every host; finalize: `steps.finalize_cluster` from the staged chunks), timed with the
@@ -23,11 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.run import _machine, _probe
+from bench.run import _machine, _probe, write_section
 from bench.scaling_model import Costs, render_model
 from bench.shapes import FINALIZE_ON, TREES, generate
 from bench.stitch import measure as measure_stitch
 from bench.stitch import render as stitch_table
+
+MARK_START = "<!-- finalize-rate:start -->"
+MARK_END = "<!-- finalize-rate:end -->"
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float:
@@ -171,13 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workdir", default="/tmp/ccarchive-finalize-rate")
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--readme", action="store_true", help="write the report into bench/README.md")
     p.add_argument(
         "--no-stitch", dest="stitch", action="store_false", help="skip bench/stitch.py's prototype"
     )
     p.add_argument("--render", help="print the report of an earlier --json file, measure nothing")
     opts = p.parse_args(argv)
     if opts.render:
-        print(render(json.loads(Path(opts.render).read_text())))
+        text = render(json.loads(Path(opts.render).read_text()))
+        print(text)
+        if opts.readme:
+            write_section(text, MARK_START, MARK_END)
         return 0
     work = Path(opts.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -194,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.json).write_text(json.dumps(res, indent=1))
+    text = render(res)
     print()
-    print(render(res))
+    print(text)
+    if opts.readme:
+        write_section(text, MARK_START, MARK_END)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

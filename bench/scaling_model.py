@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-bytes-per-row", type=float, default=4.0)
     p.add_argument("--archive-bytes-per-row", type=float, default=0.83)
     p.add_argument("--stitch-mb-per-s", type=float, default=1000.0)
+    p.add_argument(
+        "--encode-m-rows", type=float, help="a load task's row-group encoding, M rows/CPU-s"
+    )
+    p.add_argument("--stitch-ms-per-host", type=float, help="stitching CPU ms per host")
     opts = p.parse_args(argv)
     costs = Costs(
         load_s_per_row=opts.load_us_per_row * 1e-6,
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         chunk_bytes_per_row=opts.chunk_bytes_per_row,
         archive_bytes_per_row=opts.archive_bytes_per_row,
         stitch_bytes_per_s=opts.stitch_mb_per_s * 1e6,
+        encode_s_per_row=1 / (opts.encode_m_rows * 1e6) if opts.encode_m_rows else None,
+        stitch_s_per_host=opts.stitch_ms_per_host / 1e3 if opts.stitch_ms_per_host else None,
     )
     print(render_model({"given costs": costs}))
     return 0
