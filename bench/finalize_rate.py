@@ -160,6 +160,7 @@ def costs_from(res: dict[str, Any]) -> dict[str, Costs]:
             archive_bytes_per_row=fin["archive_bytes_per_row"],
             encode_s_per_row=s["parts_cpu"] / s["rows"] if s else None,
             stitch_s_per_host=s["stitch_cpu"] / s["hosts"] if s else None,
+            check_s_per_row=s["readback_cpu"] / s["rows"] if s and "readback_cpu" in s else 0.0,
         )
     return out
 

@@ -41,6 +41,9 @@ class Costs:
     #: footer entries), CPU-s: measured by bench/stitch.py (pure Python); None: estimated
     #: from the archive's bytes at `stitch_bytes_per_s`.
     stitch_s_per_host: float | None = None
+    #: The load task reading its part back to check the rows' digest, CPU-s per row:
+    #: measured by bench/stitch.py; 0 leaves the check out.
+    check_s_per_row: float = 0.0
     stitch_bytes_per_s: float = 1e9  # an assumption: one sequential copy
 
 
@@ -90,7 +93,8 @@ def wall(costs: Costs, nodes: int, cluster: Cluster = Cluster()) -> Wall:
         copy = out_bytes / costs.stitch_bytes_per_s
     # The finalize node pulls the encoded row groups (not the larger chunks) from staging.
     copy = max(copy, out_bytes / cluster.network_bytes_per_s if nodes > 1 else 0.0)
-    stitched = math.ceil(cluster.hosts / cores) * (t_load + encode * per_host_rows) + copy
+    t_task = t_load + (encode + costs.check_s_per_row) * per_host_rows
+    stitched = math.ceil(cluster.hosts / cores) * t_task + copy
     return Wall(nodes, load, serial, chord, streamed, stitched)
 
 
@@ -101,7 +105,9 @@ def render_model(costs_by_shape: dict[str, Costs], nodes: tuple[int, ...] = (1, 
         f"Model: {c.hosts:,} hosts, {c.rows / 1e9:.0f} billion rows per run "
         f"({c.rows / c.hosts:,.0f} rows = one row group per host), {c.cores_per_node} cores "
         f"per storage node, finalize node on {c.network_bytes_per_s * 8 / 1e9:.0f} Gbit/s. "
-        "Wall seconds; loads parallel over all cores, finalize serial on one core.",
+        "Wall seconds; loads parallel over all cores, finalize serial on one core. Stitched: "
+        "each load task also encodes its host's row group and reads it back to check the "
+        "digest; finalize copies the bytes.",
     ]
     for shape, costs in costs_by_shape.items():
         per_host = costs.load_s_per_row * c.rows / c.hosts
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "--encode-m-rows", type=float, help="a load task's row-group encoding, M rows/CPU-s"
     )
     p.add_argument("--stitch-ms-per-host", type=float, help="stitching CPU ms per host")
+    p.add_argument("--check-m-rows", type=float, help="a load task's read-back check, M rows/CPU-s")
     opts = p.parse_args(argv)
     costs = Costs(
         load_s_per_row=opts.load_us_per_row * 1e-6,
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         stitch_bytes_per_s=opts.stitch_mb_per_s * 1e6,
         encode_s_per_row=1 / (opts.encode_m_rows * 1e6) if opts.encode_m_rows else None,
         stitch_s_per_host=opts.stitch_ms_per_host / 1e3 if opts.stitch_ms_per_host else None,
+        check_s_per_row=1 / (opts.check_m_rows * 1e6) if opts.check_m_rows else 0.0,
     )
     print(render_model({"given costs": costs}))
     return 0

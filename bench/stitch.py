@@ -50,8 +50,10 @@ from bench.thrift_compact import (
     get,
 )
 from workers import sink, staging, steps
+from workers.rows import CHUNK_SCHEMA, table_digest
 
 MAGIC = b"PAR1"
+_CHUNK_STRINGS = ("metric", "scope", "scope_id")
 
 # Field ids of parquet.thrift.
 FMD_NUM_ROWS, FMD_ROW_GROUPS, FMD_KV = 3, 4, 5
@@ -266,9 +268,28 @@ def measure(tree_name: str, work: Path, workers: int) -> dict[str, Any]:
             writer.close()
 
     _, res["naive_cpu"], res["naive_wall"] = _timed(naive)
+
+    def read_back() -> list[bool]:
+        # The load task's own check in the stitched design: decode the part it wrote and
+        # compare the rows' digest with the digest of the rows it loaded.
+        digests = {m.host: m.digest for m in manifests}
+        same = []
+        for path, _, host, _ in jobs:
+            table = pq.read_table(path, read_dictionary=list(_CHUNK_STRINGS))
+            same.append(table_digest(table.select(CHUNK_SCHEMA.names)) == digests[host])
+        return same
+
+    same, res["readback_cpu"], res["readback_wall"] = _timed(read_back)
+    res["readback_digest_equal"] = all(same)
     res["loadavg"] = os.getloadavg()[0]
     shutil.rmtree(work, ignore_errors=True)
     return res
+
+
+def _readback(r: dict[str, Any]) -> str:
+    if "readback_cpu" not in r:
+        return "not measured"
+    return f"{r['readback_cpu']:.2f} ({'yes' if r['readback_digest_equal'] else 'no'})"
 
 
 def render(results: list[dict[str, Any]]) -> str:
@@ -276,8 +297,8 @@ def render(results: list[dict[str, Any]]) -> str:
     lines = [
         "| tree | rows | hosts | serial write CPU-s | parts CPU-s (sum) | parts wall, 1 process "
         "| parts wall, N processes | stitch CPU-s | stitch wall s | stitched = serial, byte for byte "
-        "| naive re-stitch CPU-s | load average |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| naive re-stitch CPU-s | read-back check CPU-s (digest equal) | load average |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     for r in results:
         n = r["workers"]
@@ -285,7 +306,7 @@ def render(results: list[dict[str, Any]]) -> str:
             f"| {r['tree']} | {r['rows']:,} | {r['hosts']} | {r['serial_cpu']:.2f} | {r['parts_cpu']:.2f} "
             f"| {r['parts_wall_1']:.2f} | {r[f'parts_wall_{n}']:.2f} ({n}) | {r['stitch_cpu']:.3f} "
             f"| {r['stitch_wall']:.3f} | {'yes' if r['identical'] else 'NO'} ({r['bytes']:,} bytes) "
-            f"| {r['naive_cpu']:.2f} | {r['loadavg']:.1f} |"
+            f"| {r['naive_cpu']:.2f} | {_readback(r)} | {r['loadavg']:.1f} |"
         )
     return "\n".join(lines)
 
