@@ -96,6 +96,11 @@ def _blob(buf: memoryview, cc: list[Field], off_id: int, len_id: int) -> memoryv
     return buf[off.value : off.value + length.value] if off and length else None
 
 
+def _identity(fmd: list[Field]) -> bytes:
+    """Version, schema, created_by and column orders: what every part must share."""
+    return encode_struct([f for f in fmd if f.id in (1, 2, 6, 7)])
+
+
 def stitch(parts: list[memoryview], metadata: Mapping[str, str], out: BinaryIO) -> int:
     """Write `parts` (Parquet files, same schema and writer options) as one file; rows out.
 
@@ -113,6 +118,8 @@ def stitch(parts: list[memoryview], metadata: Mapping[str, str], out: BinaryIO) 
     for buf in parts:
         fmd, footer_start = _footer(buf)
         first = first or fmd
+        if _identity(fmd) != _identity(first):
+            raise ValueError("parts differ in schema, writer version or column orders")
         groups: list[list[Field]] = _value(fmd, FMD_ROW_GROUPS).items
         # The row groups' data ends where the page index (or else the footer) begins.
         data_end = min(
@@ -275,8 +282,10 @@ def measure(tree_name: str, work: Path, workers: int) -> dict[str, Any]:
         digests = {m.host: m.digest for m in manifests}
         same = []
         for path, _, host, _ in jobs:
-            table = pq.read_table(path, read_dictionary=list(_CHUNK_STRINGS))
-            same.append(table_digest(table.select(CHUNK_SCHEMA.names)) == digests[host])
+            table = pq.read_table(
+                path, columns=CHUNK_SCHEMA.names, read_dictionary=list(_CHUNK_STRINGS)
+            )
+            same.append(table_digest(table) == digests[host])
         return same
 
     same, res["readback_cpu"], res["readback_wall"] = _timed(read_back)

@@ -67,3 +67,11 @@ def _tiny() -> bytes:
         pa.table({"a": [1, 2, None], "b": ["x", "y", "z"], "c": [True, False, True]}), buf
     )
     return buf.getvalue()
+
+
+def test_parts_of_another_schema_are_refused(tmp_path: Path) -> None:
+    a, b = io.BytesIO(), io.BytesIO()
+    pq.write_table(pa.table({"x": [1, 2]}), a)
+    pq.write_table(pa.table({"y": [1, 2]}), b)
+    with pytest.raises(ValueError, match="differ"):
+        stitch([memoryview(a.getvalue()), memoryview(b.getvalue())], {}, io.BytesIO())
