@@ -14,7 +14,9 @@ For each tree (bench/finalize_rate.py's shapes), the hosts are loaded with
    page index and footer rebuilt (bench/thrift_compact.py); the result is compared with (1)
    byte for byte (same footer metadata handed to both);
 4. **naive re-stitch**: the parts read back with pyarrow and written again with the
-   archive's writer: decode + encode, what stitching costs without byte copying.
+   archive's writer: decode + encode, what stitching costs without byte copying;
+5. **read-back check**: what a load task would do to prove its part holds its rows:
+   decode the part and compare the rows' digest with the digest of the rows it loaded.
 
 Not part of the archiver: workers/ is untouched. See docs/scaling.md.
 """
