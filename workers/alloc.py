@@ -15,15 +15,11 @@ _allocator_tuned = False
 def tune_allocator() -> None:
     """Once per process: one allocator that keeps and reuses the memory freed between hosts.
 
-    Loading or writing a host allocates and frees some 40 MB of temporaries, numpy's
-    through malloc, Arrow's through its own pool (mimalloc in the wheels). By default
-    glibc hands the top of its heap back to the kernel as soon as 128 KiB lie free and
-    serves large blocks with fresh mappings, so every host faults the same pages in again:
-    ~4,000 page faults, 10-15 ms of system time per host on the benchmark VM, a third of a
-    JSON host's CPU time; and mimalloc keeps its own, separate reserve (finalize: +45 MB
-    peak RSS, 10 % slower than Arrow's system pool). So: Arrow allocates with malloc too,
-    and malloc keeps up to 256 MiB free and serves blocks under 32 MiB from its heap
-    (bench/README.md). Linux with glibc only; CCARCHIVE_MALLOC_TUNING=0 leaves defaults.
+    glibc's defaults hand freed memory back to the kernel after every host, which faults it
+    in again for the next, and Arrow's own pool keeps a second reserve; so Arrow allocates
+    through malloc, and malloc keeps up to 256 MiB free and serves blocks under 32 MiB from
+    its heap (why and how much: bench/README.md, "What changed", 4). Linux with glibc only;
+    CCARCHIVE_MALLOC_TUNING=0 leaves defaults.
     """
     global _allocator_tuned
     if _allocator_tuned:

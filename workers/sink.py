@@ -57,9 +57,8 @@ class ParquetOptions:
     row_group_rows: int = 1_048_576
     zstd_level: int = 3
     data_page_bytes: int = 1 << 20
-    #: Rows per data page: the page index's granularity. 64 Ki rows is about one metric of
-    #: a host's hardware threads; pyarrow's default of 20 000 costs 6 % more bytes and
-    #: 9 % more writer CPU on generated data for finer page skipping than queries need.
+    #: Rows per data page, the page index's granularity: about one metric of a host's
+    #: hardware threads, as fine as queries skip (figures: bench/README.md).
     page_rows: int = 65_536
 
     @classmethod
@@ -200,22 +199,6 @@ def _with_names(cluster: str, host: str, table: pa.Table) -> pa.Table:
 
 
 def _writer(sink: BinaryIO, options: ParquetOptions) -> pq.ParquetWriter:
-    # Chosen by measurement on generated data (bench/README.md, "Parquet writer settings"):
-    # - strings and frequency: dictionary (the chunks arrive dictionary-encoded, so no
-    #   hashing); sorted rows make the indices long runs;
-    # - timestamp: DELTA_BINARY_PACKED, 0.02 bytes/row against 0.03 for plain + zstd;
-    # - value: PLAIN + zstd. One-decimal readings repeat their float32 bit patterns, which
-    #   zstd finds in plain data; BYTE_STREAM_SPLIT scatters them (+24 % file size) and a
-    #   dictionary costs +9 % size and 10 % more writer CPU;
-    # - pages of 64 Ki rows: pyarrow's 20 000 cost +6 % size, one page per chunk would
-    #   leave the page index nothing to skip within a host;
-    # - write_batch_size: Arrow computes dictionary statistics per batch (a hash of the
-    #   indices); its default of 1024 rows costs 15 % more writer CPU;
-    # - statistics (and so the page index's min/max) only where they can skip data:
-    #   hostname (verify() reads them too), metric, timestamp, frequency, value. cluster
-    #   is constant per file and every host's row group holds every scope: statistics on
-    #   them would skip nothing and cost 16 % more writer CPU;
-    # - zstd level 3: level 1 is +7 % size, level 6 saves 5 % for 40 % more writer CPU.
     return pq.ParquetWriter(sink, _WRITE_SCHEMA, **_writer_options(options))
 
 
@@ -223,17 +206,25 @@ _STATISTICS = ("hostname", "metric", "timestamp", "frequency", "value")
 
 
 def _writer_options(options: ParquetOptions) -> dict[str, Any]:
-    """ParquetWriter keyword arguments (bench/probes.py varies them one at a time)."""
+    """ParquetWriter keyword arguments (bench/probes.py varies them one at a time).
+
+    Each setting was chosen for bytes per row and writer CPU on generated data; the reasons
+    and figures are in bench/README.md ("What changed", 5, and "Parquet writer settings").
+    """
     return {
         "store_schema": False,
         "compression": "zstd",
         "compression_level": options.zstd_level,
+        # The chunks arrive dictionary-encoded (no hashing); sorted rows make long runs.
         "use_dictionary": [*_STRING_COLUMNS, "frequency"],
+        # Plain values: zstd finds the repeated float32 bit patterns BYTE_STREAM_SPLIT scatters.
         "column_encoding": {"timestamp": "DELTA_BINARY_PACKED", "value": "PLAIN"},
+        # Only where they can skip data; verify() reads hostname's to check one host per group.
         "write_statistics": list(_STATISTICS),
         "write_page_index": True,
         "data_page_size": options.data_page_bytes,
         "max_rows_per_page": options.page_rows,
+        # Arrow computes dictionary statistics per write batch: small batches cost CPU.
         "write_batch_size": options.page_rows,
         "sorting_columns": [pq.SortingColumn(ARCHIVE_SCHEMA.get_field_index(c)) for c in SORT_KEY],
     }
