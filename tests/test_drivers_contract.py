@@ -401,3 +401,26 @@ def check_scenario(s: Scenario, out: Outcome) -> None:
 
 def _outcome(report: dict[str, Any]) -> str:
     return "error" if report["errors"] else "reported" if report["bad"] else "ok"
+
+
+# --- the shared object itself -------------------------------------------------------------------
+
+
+def test_a_failed_load_is_named_by_cluster_and_host_and_the_run_survives_a_message() -> None:
+    """(a) in the one place both drivers record it; and a chord callback's rebuild of the
+    run from its message loses nothing a later stage needs."""
+    from workers.pipeline import ClusterRun, failed_load
+    from workers.recovery import Recovery
+
+    run = ClusterRun.begin("alpha", CUTOFF, "r1", ["h1", "h2"], mode="archive", started=5.0)
+    found = Recovery("alpha", deleted=["/cp/alpha/h1/1.json"], exclude={"h2": ["2.json"]})
+    run.recovered(found)
+    assert run.loaded("h1", error="OSError: boom") is None
+    rebuilt = ClusterRun.from_message(json.loads(json.dumps(run.to_message())))
+    assert rebuilt.to_message() == run.to_message()
+    assert rebuilt.report.bad[0].path == "alpha/h1"  # no root: roots are configuration
+    assert rebuilt.report.files_deleted == 1 and rebuilt.exclude == {"h2": ["2.json"]}
+    assert failed_load("alpha", "h1", CUTOFF, "r1", "x").bad[0].path == "alpha/h1"
+    assert failed_load("..", "h1\n", CUTOFF, "r1", "x").bad[0].path == "cluster '..', host 'h1\\n'"
+    assert rebuilt.finalized(error="OSError: disk full") == []  # nothing may be deleted
+    assert rebuilt.report.errors == ["archive not written, all files kept: OSError: disk full"]

@@ -2,10 +2,10 @@
 
 The steps know nothing about metrics. What feeds them:
 
-- the embedded runner calls `observe_cluster(report)` when a cluster is done;
-- in Celery workers, `install_celery()` connects `task_success`, where the result of the
-  task that ends a cluster (its ClusterReport, as JSON) is counted the same way, and
-  `worker_init`, which starts the HTTP endpoint in the worker's main process.
+- `pipeline.ClusterRun.finish` calls `observe_cluster(report)` when a cluster's run ends,
+  in both drivers (skipped clusters included);
+- in Celery workers, `install_celery()` connects `worker_init`, which starts the HTTP
+  endpoint in the worker's main process.
 
 Exposed (all labelled `cluster`): `ccarchive_rows_archived_total`,
 `ccarchive_files_archived_total`, `ccarchive_files_deleted_total`,
@@ -128,7 +128,7 @@ _textfile: str | None = None
 def observe_cluster(
     report: ClusterReport, now: float | None = None, result: str | None = None
 ) -> None:
-    """Count one finished cluster run (the embedded runner's `_finish`, Celery's last task).
+    """Count one finished cluster run (`pipeline.ClusterRun.finish`, in both drivers).
 
     `result` overrides the outcome the report implies (`interrupted`).
     """
@@ -398,42 +398,13 @@ def configure(settings: Any) -> Endpoint | None:
 # --- Celery ------------------------------------------------------------------------------
 
 
-#: The keys by which a task result is recognised as a cluster's final report.
-_REPORT_KEYS = frozenset({"cluster", "cutoff", "run_id", "files_archived", "errors", "bad"})
-
-
-def observe_task_result(result: Any) -> bool:
-    """Count a task's JSON result if it is a cluster's final report; True if it was.
-
-    The Celery pipeline ends every cluster with one task (`ccarchive.finish_cluster`)
-    whose result is the whole ClusterReport, deletions and recoveries included: the same
-    record `observe_cluster` counts in the embedded runner. Per-host results (manifests,
-    deletions) and finalize's preliminary report are nested or partial and are not
-    counted, so no number is counted twice.
-    """
-    if not isinstance(result, Mapping) or not result.keys() >= _REPORT_KEYS:
-        return False
-    try:
-        report = ClusterReport.from_dict(dict(result))
-    except TypeError:  # not a ClusterReport after all (unknown keys)
-        return False
-    observe_cluster(report)
-    return True
-
-
 def install_celery() -> None:
-    """Feed the metrics from Celery task results and serve them from the worker.
+    """Serve the metrics from a Celery worker (fed by the pipeline's `finish`).
 
     Call once where the Celery app is built. Signals are process-global, so this needs no
     app object; `dispatch_uid` makes a second call harmless.
     """
     from celery import signals  # deferred: the embedded runner never imports Celery
-
-    def _on_success(sender: Any = None, result: Any = None, **_kwargs: Any) -> None:
-        try:
-            observe_task_result(result)
-        except Exception:  # metrics must never fail a task
-            log.exception("cannot count the result of %s", getattr(sender, "name", sender))
 
     def _on_worker_init(**_kwargs: Any) -> None:
         from .config import load_settings
@@ -449,7 +420,6 @@ def install_celery() -> None:
 
             multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
 
-    signals.task_success.connect(_on_success, weak=False, dispatch_uid="ccarchive-metrics")
     signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="ccarchive-metrics")
     signals.worker_process_shutdown.connect(
         _on_process_exit, weak=False, dispatch_uid="ccarchive-metrics"
@@ -461,7 +431,6 @@ __all__ = [
     "configure",
     "install_celery",
     "observe_cluster",
-    "observe_task_result",
     "outcome",
     "read_textfile",
     "serve",
