@@ -344,7 +344,13 @@ def test_beat_triggers_a_whole_run_end_to_end(
     fritz = reports["fritz"]
     assert (fritz["hosts"], fritz["files_archived"], fritz["files_deleted"]) == (4, 4, 4)
     assert fritz["rows"] == len(expected["fritz"]) and fritz["errors"] == []
-    bad = {Path(b["path"]).relative_to(cp).as_posix(): b["reason"] for b in fritz["bad"]}
+    # A host whose load failed is named `cluster/host` (pipeline.host_label); files by path.
+    bad = {
+        (
+            Path(b["path"]).relative_to(cp) if b["path"].startswith("/") else Path(b["path"])
+        ).as_posix(): b["reason"]
+        for b in fritz["bad"]
+    }
     assert set(bad) == {
         "fritz/broken7",
         "fritz/f0002",
@@ -460,7 +466,7 @@ def test_cli_failing_host_is_reported_and_kept_with_exit_1(celery_cluster: Clust
 
     assert done.returncode == 1, done.stderr
     assert "load failed after 3 attempts: NotADirectoryError" in done.stderr
-    assert f"kept: {c.checkpoints / 'jupiter' / 'broken1'}:" in done.stderr
+    assert "kept: jupiter/broken1:" in done.stderr  # no root: roots are each worker's own
     line = next(ln for ln in done.stdout.splitlines() if "jupiter" in ln)
     # cluster, hosts, files archived, files deleted, kept (bad)
     assert [cell.strip() for cell in line.split("│")][:5] == ["jupiter", "2", "2", "2", "1"]

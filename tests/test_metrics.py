@@ -148,35 +148,35 @@ def test_serve_is_once_per_process_and_stops() -> None:
         urllib.request.urlopen(endpoint.url, timeout=2)
 
 
-def test_celery_task_success_counts_cluster_reports_only() -> None:
+def test_a_cluster_run_is_counted_once_by_its_finish_not_by_task_results() -> None:
     from celery import signals
 
     from workers.distributed import signals as hooks
+    from workers.pipeline import ClusterRun, RunLog
 
     hooks.install()
     hooks.install()  # idempotent: one connection per handler
-    report = ClusterReport(
-        "m-celery", 500, "500-x", hosts=3, files_archived=6, files_deleted=6, rows=60
-    )
+    run = ClusterRun.begin("m-celery", 500, "500-x", ["h1", "h2", "h3"])
+    report = run.report
+    report.files_archived, report.files_deleted, report.rows = 6, 6, 60
     report.bytes_written = 1234
     report.bad.append(BadFile("/cp/m-celery/h1/x.json", "invalid JSON"))
     rows0 = value("ccarchive_rows_archived_total", cluster="m-celery")
+    runs0 = value("ccarchive_runs_total", cluster="m-celery", outcome="reported")
+
+    run.finish(RunLog())  # what both drivers call at a cluster's end
 
     class FakeTask:
         name = names.FINISH_CLUSTER
 
+    # The finish task's result is that same report: a task result is never counted again.
     signals.task_success.send(sender=FakeTask(), result=report.to_dict())
-    # Per-host results and finalize's nested preliminary report are not counted again.
-    signals.task_success.send(
-        sender=FakeTask(), result={"cluster": "m-celery", "host": "h1", "deleted": ["1.json"]}
-    )
     signals.task_success.send(sender=FakeTask(), result={"report": report.to_dict()})
-    signals.task_success.send(sender=FakeTask(), result=None)
 
     assert value("ccarchive_rows_archived_total", cluster="m-celery") == rows0 + 60
+    assert value("ccarchive_runs_total", cluster="m-celery", outcome="reported") == runs0 + 1
     assert value("ccarchive_bytes_written_total", cluster="m-celery") >= 1234
-    assert value("ccarchive_runs_total", cluster="m-celery", outcome="reported") >= 1
-    assert value("ccarchive_files_deleted_total", cluster="m-celery") == 6
+    assert value("ccarchive_files_deleted_total", cluster="m-celery") >= 6
 
 
 # --- logs -------------------------------------------------------------------------------------

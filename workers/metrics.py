@@ -2,10 +2,10 @@
 
 The steps know nothing about metrics. What feeds them:
 
-- the embedded runner calls `observe_cluster(report)` when a cluster is done;
-- in Celery workers, `workers.distributed.signals` passes every task result to
-  `observe_task_result`, which counts the one that ends a cluster (its ClusterReport, as
-  JSON) the same way, and starts the HTTP endpoint in the worker's main process.
+- `pipeline.ClusterRun.finish` calls `observe_cluster(report)` when a cluster's run ends,
+  in both drivers (skipped clusters included);
+- in Celery workers, `workers.distributed.signals` starts the HTTP endpoint in the
+  worker's main process and calls `process_exited` for a pool process that ends.
 
 Exposed (all labelled `cluster`): `ccarchive_rows_archived_total`,
 `ccarchive_files_archived_total`, `ccarchive_files_deleted_total`,
@@ -128,7 +128,7 @@ _textfile: str | None = None
 def observe_cluster(
     report: ClusterReport, now: float | None = None, result: str | None = None
 ) -> None:
-    """Count one finished cluster run (the embedded runner's `_finish`, Celery's last task).
+    """Count one finished cluster run (`pipeline.ClusterRun.finish`, in both drivers).
 
     `result` overrides the outcome the report implies (`interrupted`).
     """
@@ -398,29 +398,6 @@ def configure(settings: Any) -> Endpoint | None:
 # --- task results (what Celery workers feed in) ------------------------------------------
 
 
-#: The keys by which a task result is recognised as a cluster's final report.
-_REPORT_KEYS = frozenset({"cluster", "cutoff", "run_id", "files_archived", "errors", "bad"})
-
-
-def observe_task_result(result: Any) -> bool:
-    """Count a task's JSON result if it is a cluster's final report; True if it was.
-
-    The Celery pipeline ends every cluster with one task (`ccarchive.finish_cluster`)
-    whose result is the whole ClusterReport, deletions and recoveries included: the same
-    record `observe_cluster` counts in the embedded runner. Per-host results (manifests,
-    deletions) and finalize's preliminary report are nested or partial and are not
-    counted, so no number is counted twice.
-    """
-    if not isinstance(result, Mapping) or not result.keys() >= _REPORT_KEYS:
-        return False
-    try:
-        report = ClusterReport.from_dict(dict(result))
-    except TypeError:  # not a ClusterReport after all (unknown keys)
-        return False
-    observe_cluster(report)
-    return True
-
-
 def process_exited(pid: int) -> None:
     """A process that counted metrics is gone: in multiprocess mode (prefork workers) its
     live gauges must stop counting towards the endpoint's totals."""
@@ -434,7 +411,6 @@ __all__ = [
     "Endpoint",
     "configure",
     "observe_cluster",
-    "observe_task_result",
     "outcome",
     "process_exited",
     "read_textfile",

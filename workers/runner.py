@@ -1,8 +1,9 @@
 """The embedded runner: the whole pipeline on one machine, no Redis, a process pool.
 
-Same steps and the same order of effects as the Celery pipeline: load every host, finalize
-each cluster, and once its archive is published, delete its archived files, then its
-staging. A cluster never waits for another one.
+It walks the pipeline of `workers.pipeline` (the Celery tasks walk the same one): per
+cluster recover, load every host, finalize, and once the archive is published, delete
+its archived files, then its staging; every report update is `ClusterRun`'s. A cluster
+never waits for another one.
 
 With `--workers N` for N >= 2, a cluster's finalize does not wait for the last load: it
 runs in a thread of this process and writes each host into the Parquet file as soon as
@@ -29,9 +30,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import metrics, ops, recovery, roots, staging, steps, storage
+from . import ops, pipeline, recovery, roots, staging, steps, storage
 from .locks import DirectoryLock, LockBusy
-from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest
+from .manifest import ClusterReport, DeleteResult, HostManifest
 from .sink import ArchiveInfo, ParquetOptions
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def _executor(options: RunOptions, streaming: bool) -> Executor:
 
     When finalize streams behind the loads, it runs in this process (a thread per cluster)
     and counts as one of the workers: N-1 loading processes plus the writer keep N cores
-    busy. (Measured, 64 hosts on 2 cores: 2.7 s wall; a pool of 2 beside the writer, 3.0 s.)
+    busy (measured: bench/README.md, "Streaming finalize").
     """
     processes = options.workers - 1 if streaming else options.workers
     if processes <= 1 and not streaming:
@@ -165,10 +166,6 @@ def _start_pool_process(storage_options: dict[str, Any]) -> None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() == 1:  # the runner died before the line above: go now
                 os._exit(1)
-
-
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class RunCancelled(Exception):
@@ -246,19 +243,165 @@ def _finalize_behind_loads(
 
 
 @dataclass
-class _ClusterState:
-    report: ClusterReport
-    hosts_left: int
-    manifests: list[HostManifest] = field(default_factory=list)
+class _Cluster:
+    """The embedded driver's side of a cluster's run: its lock, pool bookkeeping, feed."""
+
+    run: pipeline.ClusterRun
+    hosts: list[str]
+    hosts_left: int = 0
     deletes_left: int = 0
     lock: DirectoryLock | None = None
-    exclude: dict[str, list[str]] = field(default_factory=dict)
-    mode: str = "archive"
-    run_log: str | None = None
     feed: _HostFeed | None = None  # set when finalize runs behind the loads
-    done: bool = False  # `_finish` ran: the cluster's end record is written
-    keep: int = ops.DEFAULT_KEEP_RECORDS
-    max_age: float = ops.DEFAULT_MAX_RECORD_AGE
+
+    @property
+    def report(self) -> ClusterReport:
+        """The cluster's report (owned by its ClusterRun)."""
+        return self.run.report
+
+
+@dataclass
+class _Run:
+    """One embedded run: its options, clusters and pool; walks each cluster's pipeline."""
+
+    options: RunOptions
+    notify: ProgressFn
+    run_id: str
+    staging_url: str | None = None
+    clusters: dict[str, _Cluster] = field(default_factory=dict)
+    pending: dict[Future[Any], tuple[str, str, str]] = field(default_factory=dict)
+    pool: Executor | None = None
+    streaming: bool = False
+    finalizers: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def run_log(self) -> pipeline.RunLog:
+        """Where the clusters' run records go."""
+        o = self.options
+        return pipeline.RunLog(o.run_log, o.run_log_keep, o.run_log_max_age)
+
+    def submit(
+        self, kind: str, cluster: str, host: str, fn: Callable[..., Any], *args: Any
+    ) -> None:
+        """Run `fn(*args)` in the pool; its result comes back to `dispatch`."""
+        assert self.pool is not None
+        self.pending[self.pool.submit(fn, *args)] = (kind, cluster, host)
+
+    def finish(self, c: _Cluster, staging: bool = False) -> None:
+        """The cluster's last step (shared bookkeeping), then the progress event."""
+        lock = c.lock
+        c.run.finish(
+            self.run_log,
+            staging=self.staging_url if staging else None,
+            release=lock.release if lock is not None else None,
+        )
+        self.notify("done", c.report.cluster, {"ok": c.report.ok})
+
+    def start_cluster(self, c: _Cluster) -> None:
+        """Submit the cluster's first per-host stage (and its streaming finalize)."""
+        o, cluster = self.options, c.report.cluster
+        for host in sorted(c.hosts):
+            if o.mode == "delete":
+                args: tuple[Any, ...] = (o.checkpoints, cluster, host, o.cutoff)
+                self.submit("delete", cluster, host, steps.delete_expired, *args)
+            else:
+                exclude = c.run.exclude.get(host, [])
+                args = (o.checkpoints, cluster, host, o.cutoff, self.staging_url, self.run_id)
+                args += (o.chunk_compression, exclude)
+                self.submit("load", cluster, host, steps.load_host, *args)
+        if not c.hosts:
+            self.finish(c)
+        elif self.streaming:
+            c.feed = _HostFeed(c.hosts)
+            future, thread = _finalize_behind_loads(c.feed, cluster, o.cutoff, self.run_id, o)
+            self.pending[future] = ("finalize", cluster, "")
+            self.finalizers.append(thread)
+
+    def dispatch(self, future: Future[Any]) -> None:
+        """Fold a finished step into its cluster's run and start what follows."""
+        kind, cluster, host = self.pending.pop(future)
+        c = self.clusters[cluster]
+        if kind == "load":
+            manifest = self.on_loaded(c, host, future)
+            if c.feed is not None:
+                c.feed.put(host, manifest)
+            elif c.hosts_left == 0:
+                o = self.options
+                args = (cluster, o.cutoff, self.run_id, c.run.manifests, o.archive, o.parquet)
+                self.submit("finalize", cluster, "", steps.finalize_cluster, *args)
+        elif kind == "finalize":
+            self.on_finalized(c, future)
+        else:
+            self.on_deleted(c, host, future)
+
+    def on_loaded(self, c: _Cluster, host: str, future: Future[Any]) -> HostManifest | None:
+        """A host's load: into the cluster's run; its manifest, or None if it failed."""
+        c.hosts_left -= 1
+        try:
+            manifest = c.run.loaded(host, future.result())
+        except Exception as exc:
+            c.run.loaded(host, error=pipeline.error_text(exc))
+            self.notify("loaded", c.report.cluster, {"host": host, "rows": 0, "failed": True})
+            return None
+        assert manifest is not None
+        self.notify("loaded", c.report.cluster, {"host": host, "rows": manifest.rows})
+        return manifest
+
+    def on_finalized(self, c: _Cluster, future: Future[Any]) -> None:
+        """The archive: into the cluster's run, then its deletions (or its end)."""
+        o, cluster = self.options, c.report.cluster
+        try:
+            info: ArchiveInfo | None = future.result()
+        except Exception as exc:
+            c.run.finalized(error=pipeline.error_text(exc))
+            self.notify("finalized", cluster, {"failed": True})
+            with_files = []
+        else:
+            with_files = c.run.finalized(info)
+            rows = c.report.rows
+            self.notify("finalized", cluster, {"archive": c.report.archive, "rows": rows})
+        url = c.report.archive
+        for m in with_files:
+            c.deletes_left += 1
+            args = (o.checkpoints, cluster, m.host, m.files, url, self.run_id)
+            self.submit("delete", cluster, m.host, pipeline.delete_archived, *args)
+        if c.deletes_left == 0:
+            self.finish(c, staging=True)
+
+    def on_deleted(self, c: _Cluster, host: str, future: Future[Any]) -> None:
+        """A host's deletions: into the cluster's run; the cluster ends after its last."""
+        try:
+            result: DeleteResult = future.result()
+        except Exception as exc:
+            c.run.deleted(host, error=pipeline.error_text(exc))
+        else:
+            c.run.deleted(host, result)
+            self.notify("deleted", c.report.cluster, {"host": host, "files": len(result.deleted)})
+        if self.options.mode == "delete":
+            c.hosts_left -= 1
+            if c.hosts_left == 0:
+                self.finish(c)
+        else:
+            c.deletes_left -= 1
+            if c.deletes_left == 0:
+                self.finish(c, staging=True)
+
+    def stop(self, stopped: BaseException | None) -> None:
+        """End the run: stop finalize threads (letting a publishing one finish) before the
+        locks go; record clusters left midway (`interrupted` for a signal, else `error`)."""
+        for c in self.clusters.values():
+            if c.feed is not None:
+                c.feed.cancel()
+        for thread in self.finalizers:
+            thread.join()
+        for c in self.clusters.values():
+            if c.lock is None:
+                continue
+            if stopped is not None and not c.run.finished:
+                # Files not yet archived stay for the next run.
+                signalled = isinstance(stopped, Interrupted | KeyboardInterrupt)
+                outcome = c.run.stopped(stopped, signalled)
+                c.run.finish(self.run_log, release=c.lock.release, outcome=outcome)
+            c.lock.release()
 
 
 def run(options: RunOptions, progress: ProgressFn | None = None) -> list[ClusterReport]:
@@ -273,194 +416,84 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
     # Without --staging: a run directory in this user's private temporary staging, locked
     # while the run lives and removed when it ends (SPEC §6.9).
     private_root = roots.private_staging_root() if archiving and not options.staging else None
-    staging_url = private_root or options.staging
+    r = _Run(options, notify, run_id, private_root or options.staging)
+    started = time.time()
     plans = [
         p
         for p in steps.discover(options.checkpoints)
         if not options.clusters or p.cluster in options.clusters
     ]
-    states: dict[str, _ClusterState] = {}
-    started = time.perf_counter()
     # A directory whose name is refused is reported like a kept file (exit 1), untouched.
-    refused = [
-        _ClusterState(_refused_report(p, options.cutoff, run_id), 0) for p in plans if p.refused
-    ]
-    for state in refused:
-        notify("plan", state.report.cluster, {"hosts": 0})
-        _finish(state, started, notify)
-    plans = [p for p in plans if not p.refused]
-    for plan in plans:
-        report = ClusterReport(plan.cluster, options.cutoff, run_id, hosts=len(plan.hosts))
-        report.bad.extend(plan.bad)
-        state = states[plan.cluster] = _prepare(plan, report, options)
+    refused = [_Cluster(_begin(p, options, run_id, started), []) for p in plans if p.refused]
+    for c in refused:
+        notify("plan", c.report.cluster, {"hosts": 0})
+        r.finish(c)
+    for plan in [p for p in plans if not p.refused]:
+        c = r.clusters[plan.cluster] = _prepare(
+            plan, _begin(plan, options, run_id, started), options
+        )
         notify("plan", plan.cluster, {"hosts": len(plan.hosts)})
-        if state.lock is None:  # skipped: recorded like any run (`ccarchive status`, metrics)
-            _finish(state, started, notify)
-    plans = [p for p in plans if states[p.cluster].lock is not None]
-    private_run: staging.PrivateRun | None = None
+        if c.lock is None:  # skipped: recorded like any run (`ccarchive status`, metrics)
+            r.finish(c)
+    live = [c for c in r.clusters.values() if c.lock is not None]
+    _drive(r, live, private_root)
+    return [c.report for c in [*r.clusters.values(), *refused]]
+
+
+def _begin(
+    plan: steps.ClusterPlan, options: RunOptions, run_id: str, started: float
+) -> pipeline.ClusterRun:
+    hosts = [] if plan.refused else plan.hosts
+    return pipeline.ClusterRun.begin(
+        plan.cluster, options.cutoff, run_id, hosts, plan.bad, options.mode, started
+    )
+
+
+def _drive(r: _Run, live: list[_Cluster], private_root: str | None) -> None:
+    """Run the locked clusters' pipelines to their ends in a pool; clean up whatever happens."""
+    options = r.options
+    archiving = options.mode == "archive"
     # No host with a file to load or delete: no pool (spawning 16 processes for nothing
     # costs seconds and CPU-seconds); the empty steps run inline.
-    busy = _hosts_with_files(plans, states, options)
+    busy = _hosts_with_files(live, options)
     if not busy:
         log.info("nothing selected at cutoff %d: no process pool started", options.cutoff)
     # A thread per cluster writes its archive while its hosts load (see the module's doc).
-    streaming = options.workers > 1 and options.mode == "archive" and busy
-    finalizers: list[threading.Thread] = []
+    r.streaming = options.workers > 1 and archiving and busy
+    private_run: staging.PrivateRun | None = None
     stopped: BaseException | None = None
     try:
-        if archiving and staging_url:
+        if archiving and r.staging_url:
             recovery.sweep_staging(
-                staging_url, run_id, options.grace_seconds, private=private_root is not None
+                r.staging_url, r.run_id, options.grace_seconds, private=private_root is not None
             )
-            if any(p.hosts for p in plans):
+            if any(c.hosts for c in live):
                 # Marked before any chunk: only a marked run directory may a sweep remove.
                 if private_root is not None:
-                    private_run = staging.PrivateRun(private_root, run_id)
+                    private_run = staging.PrivateRun(private_root, r.run_id)
                 else:
-                    staging.mark_run(staging_url, run_id)
-        executor = _executor(options, streaming) if busy else _InlineExecutor()
+                    staging.mark_run(r.staging_url, r.run_id)
+        executor = _executor(options, r.streaming) if busy else _InlineExecutor()
         with executor as pool, _stopped_on_error(pool):
+            r.pool = pool
             last_run.pool = not isinstance(pool, _InlineExecutor)
-            pending: dict[Future[Any], tuple[str, str, str]] = {}
-
-            def submit(
-                kind: str, cluster: str, host: str, fn: Callable[..., Any], *args: Any
-            ) -> None:
-                pending[pool.submit(fn, *args)] = (kind, cluster, host)
-
-            for plan in plans:
-                for host in sorted(plan.hosts):
-                    if options.mode == "delete":
-                        submit(
-                            "delete",
-                            plan.cluster,
-                            host,
-                            steps.delete_expired,
-                            options.checkpoints,
-                            plan.cluster,
-                            host,
-                            options.cutoff,
-                        )
-                    else:
-                        submit(
-                            "load",
-                            plan.cluster,
-                            host,
-                            steps.load_host,
-                            options.checkpoints,
-                            plan.cluster,
-                            host,
-                            options.cutoff,
-                            staging_url,
-                            run_id,
-                            options.chunk_compression,
-                            states[plan.cluster].exclude.get(host, []),
-                        )
-                if not plan.hosts:
-                    _finish(states[plan.cluster], started, notify)
-                elif streaming:
-                    state = states[plan.cluster]
-                    state.feed = _HostFeed(plan.hosts)
-                    future, thread = _finalize_behind_loads(
-                        state.feed, plan.cluster, options.cutoff, run_id, options
-                    )
-                    pending[future] = ("finalize", plan.cluster, "")
-                    finalizers.append(thread)
-
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for c in live:
+                r.start_cluster(c)
+            while r.pending:
+                done, _ = wait(r.pending, return_when=FIRST_COMPLETED)
                 for future in done:
-                    kind, cluster, host = pending.pop(future)
-                    state = states[cluster]
-                    if kind == "load":
-                        manifest = _on_loaded(state, host, future, notify)
-                        if state.feed is not None:
-                            state.feed.put(host, manifest)
-                        elif state.hosts_left == 0:
-                            submit(
-                                "finalize",
-                                cluster,
-                                "",
-                                steps.finalize_cluster,
-                                cluster,
-                                options.cutoff,
-                                run_id,
-                                state.manifests,
-                                options.archive,
-                                options.parquet,
-                            )
-                    elif kind == "finalize":
-                        for m in _on_finalized(state, future, notify):
-                            state.deletes_left += 1
-                            submit(
-                                "delete",
-                                cluster,
-                                m.host,
-                                steps.delete_files,
-                                options.checkpoints,
-                                cluster,
-                                m.host,
-                                m.files,
-                            )
-                        if state.deletes_left == 0:
-                            _finish(state, started, notify, staging_url)
-                    else:
-                        _on_deleted(state, host, future, notify)
-                        if options.mode == "delete":
-                            state.hosts_left -= 1
-                            if state.hosts_left == 0:
-                                _finish(state, started, notify)
-                        else:
-                            state.deletes_left -= 1
-                            if state.deletes_left == 0:
-                                _finish(state, started, notify, staging_url)
+                    r.dispatch(future)
     except BaseException as exc:
         stopped = exc
         raise
     finally:
-        # Stop finalize threads still waiting for hosts, and let any that is publishing
-        # finish, before the locks go.
-        for state in states.values():
-            if state.feed is not None:
-                state.feed.cancel()
-        for thread in finalizers:
-            thread.join()
-        if stopped is not None:
-            for state in states.values():
-                if state.lock is not None and not state.done:
-                    _record_stopped(state, started, stopped)
-        for state in states.values():
-            if state.lock is not None:
-                state.lock.release()
+        r.stop(stopped)
         # Nothing in the run's staging is of use once the run ends, finished or not.
         if private_run is not None:
             private_run.close()
-        elif archiving and staging_url and plans:
+        elif archiving and r.staging_url and live:
             with suppress(OSError):  # it is marked: a later run's sweep removes it
-                staging.remove_run(staging_url, run_id)
-    return [state.report for state in [*states.values(), *refused]]
-
-
-def _record_stopped(state: _ClusterState, started: float, exc: BaseException) -> None:
-    """The end record of a cluster the run left midway: `interrupted` for a signal (or
-    Ctrl-C), `error` for anything else. Files not yet archived stay for the next run."""
-    report = state.report
-    report.seconds = time.perf_counter() - started
-    signalled = isinstance(exc, Interrupted | KeyboardInterrupt)
-    if isinstance(exc, KeyboardInterrupt):
-        report.errors.append("interrupted by SIGINT")
-    else:
-        report.errors.append(str(exc) if isinstance(exc, Interrupted) else _error(exc))
-    outcome = "interrupted" if signalled else "error"
-    ops.record_run(
-        state.run_log, report, state.mode, outcome=outcome, keep=state.keep, max_age=state.max_age
-    )
-    metrics.observe_cluster(report, result=outcome)
-
-
-def _refused_report(plan: steps.ClusterPlan, cutoff: int, run_id: str) -> ClusterReport:
-    """The report of a cluster directory whose name is refused: its reason, nothing done."""
-    return ClusterReport(plan.cluster, cutoff, run_id, bad=list(plan.bad))
+                staging.remove_run(r.staging_url, r.run_id)
 
 
 @contextmanager
@@ -483,17 +516,14 @@ class RunFacts:
 last_run = RunFacts()
 
 
-def _hosts_with_files(
-    plans: list[steps.ClusterPlan], states: dict[str, _ClusterState], options: RunOptions
-) -> bool:
+def _hosts_with_files(clusters: list[_Cluster], options: RunOptions) -> bool:
     """Whether some host has a checkpoint file (or a bad name) at or before the cutoff."""
     root = Path(options.checkpoints)
-    for plan in plans:
-        exclude = states[plan.cluster].exclude
-        for host in plan.hosts:
+    for c in clusters:
+        for host in c.hosts:
             try:
                 found = steps.select_files(
-                    root / plan.cluster / host, options.cutoff, exclude.get(host, [])
+                    root / c.report.cluster / host, options.cutoff, c.run.exclude.get(host, [])
                 )
             except OSError:  # unreadable: the load step reports it, in the pool as usual
                 return True
@@ -502,112 +532,28 @@ def _hosts_with_files(
     return False
 
 
-def _prepare(plan: steps.ClusterPlan, report: ClusterReport, options: RunOptions) -> _ClusterState:
-    """Lock the cluster and run recovery; a cluster that cannot be locked is skipped."""
-    state = _ClusterState(
-        report,
-        hosts_left=len(plan.hosts),
-        mode=options.mode,
-        run_log=options.run_log,
-        keep=options.run_log_keep,
-        max_age=options.run_log_max_age,
-    )
+def _prepare(plan: steps.ClusterPlan, run: pipeline.ClusterRun, options: RunOptions) -> _Cluster:
+    """Lock the cluster and run its recovery (once, before any load); a cluster that cannot
+    be locked, or whose committed archives cannot be read, is skipped."""
+    c = _Cluster(run, plan.hosts, hosts_left=len(plan.hosts))
     lock = DirectoryLock(Path(options.checkpoints) / plan.cluster)
     try:
         lock.acquire()
     except (LockBusy, OSError) as exc:
-        report.errors.append(f"skipped: {exc}")
-        return state
+        run.skipped(str(exc))
+        return c
     if options.mode == "archive":
         try:
             found = recovery.recover_cluster(
-                options.checkpoints,
-                options.archive,
-                plan.cluster,
-                plan.hosts,
+                options.checkpoints, options.archive, plan.cluster, plan.hosts,
                 options.grace_seconds,
-            )
+            )  # fmt: skip
         except Exception as exc:
-            # Without the commit records we could archive a file twice: do nothing instead.
             lock.release()
-            report.errors.append(f"skipped: cannot read existing archives: {_error(exc)}")
-            return state
-        report.files_deleted += len(found.deleted)
-        report.bad.extend(found.kept)
-        state.exclude = found.exclude
-    state.lock = lock
+            run.recovery_failed(exc)
+            return c
+        run.recovered(found)
+    c.lock = lock
     # Replaced by the end record; left alone by a SIGKILL, so `status` shows `unfinished`.
-    ops.record_start(state.run_log, report, options.mode)
-    return state
-
-
-def _on_loaded(
-    state: _ClusterState, host: str, future: Future[Any], notify: ProgressFn
-) -> HostManifest | None:
-    """Record a host's load; return its manifest, or None if the load failed."""
-    state.hosts_left -= 1
-    report = state.report
-    try:
-        manifest: HostManifest = future.result()
-    except Exception as exc:
-        # A host that cannot be loaded keeps all its files; the rest of the cluster goes on.
-        report.bad.append(BadFile(f"{report.cluster}/{host}", _error(exc)))
-        notify("loaded", report.cluster, {"host": host, "rows": 0, "failed": True})
-        return None
-    state.manifests.append(manifest)
-    report.bad.extend(manifest.bad)
-    notify("loaded", report.cluster, {"host": host, "rows": manifest.rows})
-    return manifest
-
-
-def _on_finalized(
-    state: _ClusterState, future: Future[Any], notify: ProgressFn
-) -> list[HostManifest]:
-    """Record the archive; return the manifests whose files may now be deleted."""
-    report = state.report
-    try:
-        info: ArchiveInfo | None = future.result()
-    except Exception as exc:
-        report.errors.append(f"archive not written, all files kept: {_error(exc)}")
-        notify("finalized", report.cluster, {"failed": True})
-        return []
-    with_files = [m for m in state.manifests if m.files]
-    report.files_archived = sum(len(m.files) for m in with_files)
-    report.rows = sum(m.rows for m in with_files)
-    if info is not None:
-        report.archive = info.url
-        report.bytes_written = 0 if info.already_existed else info.bytes
-    notify("finalized", report.cluster, {"archive": report.archive, "rows": report.rows})
-    return with_files
-
-
-def _on_deleted(state: _ClusterState, host: str, future: Future[Any], notify: ProgressFn) -> None:
-    report = state.report
-    try:
-        result: DeleteResult = future.result()
-    except Exception as exc:
-        report.errors.append(f"{host}: deletion failed: {_error(exc)}")
-        return
-    report.files_deleted += len(result.deleted)
-    report.bad.extend(result.kept)
-    notify("deleted", report.cluster, {"host": host, "files": len(result.deleted)})
-
-
-def _finish(
-    state: _ClusterState, started: float, notify: ProgressFn, staging_url: str | None = None
-) -> None:
-    report = state.report
-    if staging_url:
-        try:
-            # The run's directory itself goes when the run ends (runner.run).
-            steps.cleanup_staging(staging_url, report.run_id, report.cluster, whole_run=False)
-        except OSError as exc:
-            report.errors.append(f"staging not removed: {_error(exc)}")
-    report.seconds = time.perf_counter() - started
-    if state.lock is not None:
-        state.lock.release()
-    state.done = True
-    # For `ccarchive status`; never raises.
-    ops.record_run(state.run_log, report, state.mode, keep=state.keep, max_age=state.max_age)
-    metrics.observe_cluster(report)
-    notify("done", report.cluster, {"ok": report.ok})
+    ops.record_start(options.run_log, run.report, options.mode)
+    return c

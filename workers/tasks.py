@@ -1,9 +1,14 @@
-"""Celery tasks: thin wrappers around `workers.steps`, chained into one pipeline per cluster.
+"""Celery tasks: the pipeline of `workers.pipeline` as chords, one chain per cluster.
 
     plan ──► chord(discover @ every queue) ──► launch ──► for each cluster:
-      archive: chord(load_host @ host's queue) ──► finalize_cluster @ finalize queue
+      archive: chord(recover_hosts @ each queue of its hosts) ──► load_cluster
+                 ──► chord(load_host @ host's queue) ──► finalize_cluster @ finalize queue
                  ──► chord(delete_files @ host's queue) ──► finish_cluster @ finalize queue
       delete:  chord(delete_expired @ host's queue) ──► finish_cluster
+
+The stages and every report update are `workers.pipeline`'s (shared with the embedded
+runner): each chord callback rebuilds the cluster's `ClusterRun` from the report its
+message carries, folds in its chord's results and starts the next stage.
 
 Messages carry names (cluster, host, file), the cutoff and the run id, never paths or
 credentials: every task resolves the checkpoint root, staging and archive from its *own*
@@ -41,22 +46,21 @@ from celery import Task, chord
 from celery.canvas import Signature
 from celery.exceptions import ChordError
 
-from workers import ops, recovery, roots, sink, staging, steps
+from workers import pipeline, recovery, roots, sink, staging, steps
 from workers.config import Settings, configure_storage, load_settings, mask_url, parse_duration
-from workers.distributed import routing
+from workers.distributed import names, routing
 from workers.distributed.app import app
 from workers.distributed.connection import redis_client
 from workers.distributed.locks import RedisLock
 from workers.locks import LockBusy, RunHolds
-from workers.manifest import BadFile, ClusterReport, DeleteResult, HostManifest, SourceFile
-from workers.runner import new_run_id
+from workers.manifest import BadFile, DeleteResult, HostManifest, SourceFile
 
 log = logging.getLogger(__name__)
 
 #: Redis list of the latest cluster reports (JSON, newest first): what beat runs leave.
-REPORTS_KEY = "ccarchive:reports"
+REPORTS_KEY = names.REPORTS_KEY
 REPORTS_KEEP = 1000
-ATTEMPTS_PREFIX = "ccarchive:attempts:"
+ATTEMPTS_PREFIX = names.ATTEMPTS_PREFIX
 
 
 class LockLost(Exception):
@@ -137,33 +141,20 @@ def _countdown(attempt: int) -> float:
     return settings().retry_delay * 2 ** (attempt - 1)
 
 
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _host_path(cluster: str, host: str) -> str:
-    """The host's directory, for reports; names that are not safe are quoted, never joined."""
-    root = settings().checkpoints or ""
-    try:
-        return os.path.join(root, steps.check_name(cluster), steps.check_name(host))
-    except steps.UnsafeName:
-        return f"{root} (cluster {cluster!r}, host {host!r})"
-
-
 def _shown(name: Any) -> Any:
     """A name from a refused message as results may echo it: escaped unless printable
     (Celery logs every result; a raw newline in it would forge a log line)."""
     return name if not isinstance(name, str) or name.isprintable() else ascii(name)
 
 
-def _check_names(**names: Any) -> None:
+def _check_names(**given: Any) -> None:
     """Validate names and the cutoff from a message; raise UnsafeName (logged) if one is bad.
 
     Workers resolve every path from their own roots plus these names, so this is what keeps
     a forged or corrupted message from reaching outside the roots (SPEC §6.6).
     """
     try:
-        for what, value in names.items():
+        for what, value in given.items():
             if what == "cutoff":
                 steps.check_cutoff(value)
             else:
@@ -224,7 +215,7 @@ def _same_location(configured: str | None, requested: str | None) -> bool:
 # --- planning -----------------------------------------------------------------------------
 
 
-@app.task(name="ccarchive.plan")
+@app.task(name=names.PLAN)
 def plan(
     retention: str | None = None,
     cutoff: int | None = None,
@@ -241,25 +232,8 @@ def plan(
     """
     s = settings()
     mode = mode or s.mode
-    problem = None
-    if mode not in ("archive", "delete"):
-        problem = f"unknown mode {mode!r}"
-    elif not s.checkpoints:
-        problem = "the workers have no checkpoint directory (CCARCHIVE_CHECKPOINTS)"
-    elif mode == "archive" and not s.archive:
-        problem = "the workers have no archive location (CCARCHIVE_ARCHIVE)"
-    elif mode == "archive" and not s.staging:
-        problem = "the workers have no shared staging location (CCARCHIVE_STAGING)"
-    elif mode == "archive" and _roots_problem():
-        problem = f"refused: {_roots_problem()}"
-    elif not _same_location(s.checkpoints, checkpoints):
-        problem = f"the workers archive {s.checkpoints}, not {checkpoints}"
-    elif mode == "archive" and not _same_location(
-        s.archive and mask_url(s.archive), archive and mask_url(archive)
-    ):
-        # Clients send locations masked (task arguments are shown in Flower): compare so.
-        problem = f"the workers write archives to {mask_url(s.archive or '')}, not {archive}"
-    elif cutoff is None and not (retention or s.retention):
+    problem = _settings_problem(s, mode, checkpoints, archive)
+    if problem is None and cutoff is None and not (retention or s.retention):
         problem = "no cutoff and no retention (CCARCHIVE_RETENTION)"
     checked = 0
     if problem is None:
@@ -279,7 +253,7 @@ def plan(
     if problem is not None:
         log.error("run not started: %s", problem)
         return {"error": problem}
-    run_id = new_run_id(checked)
+    run_id = staging.new_run_id(checked)
     launch_id = str(uuid.uuid4())
     header = [discover.si(q).set(queue=q) for q in router().queues()]
     body = launch.s(
@@ -288,6 +262,31 @@ def plan(
     _launch(header, body)
     log.info("run %s: cutoff %d, mode %s", run_id, checked, mode)
     return {"run_id": run_id, "cutoff": checked, "mode": mode, "launch": launch_id}
+
+
+def _settings_problem(
+    s: Settings, mode: str, checkpoints: str | None, archive: str | None
+) -> str | None:
+    """Why this worker's settings cannot run `mode` on what the client named, or None."""
+    if mode not in pipeline.MODES:
+        return f"unknown mode {mode!r}"
+    if not s.checkpoints:
+        return "the workers have no checkpoint directory (CCARCHIVE_CHECKPOINTS)"
+    if mode == "archive":
+        if not s.archive:
+            return "the workers have no archive location (CCARCHIVE_ARCHIVE)"
+        if not s.staging:
+            return "the workers have no shared staging location (CCARCHIVE_STAGING)"
+        if problem := _roots_problem():
+            return f"refused: {problem}"
+    if not _same_location(s.checkpoints, checkpoints):
+        return f"the workers archive {s.checkpoints}, not {checkpoints}"
+    if mode == "archive" and not _same_location(
+        s.archive and mask_url(s.archive), archive and mask_url(archive)
+    ):
+        # Clients send locations masked (task arguments are shown in Flower): compare so.
+        return f"the workers write archives to {mask_url(s.archive or '')}, not {archive}"
+    return None
 
 
 def _queues_problem(s: Settings) -> str | None:
@@ -300,18 +299,18 @@ def _queues_problem(s: Settings) -> str | None:
     try:
         missing = queues_without_worker(app, needed_queues(s), own=own)
     except Exception as exc:  # the broadcast itself failed: let the run try, as before
-        log.warning("could not check the queues' workers: %s", _error(exc))
+        log.warning("could not check the queues' workers: %s", pipeline.error_text(exc))
         return None
     return no_worker_message(missing) if missing else None
 
 
-@app.task(name="ccarchive.discover")
+@app.task(name=names.DISCOVER)
 def discover(queue: str) -> dict[str, Any]:
     """List the clusters and hosts this worker sees (the queue it was sent to is `queue`)."""
     try:
         plans = steps.discover(settings().checkpoints or "")
     except Exception as exc:  # a missing root: reported by launch, the other queues go on
-        return {"queue": queue, "clusters": [], "error": _error(exc)}
+        return {"queue": queue, "clusters": [], "error": pipeline.error_text(exc)}
     return {
         "queue": queue,
         "clusters": [
@@ -326,7 +325,7 @@ def discover(queue: str) -> dict[str, Any]:
     }
 
 
-@app.task(name="ccarchive.launch")
+@app.task(name=names.LAUNCH)
 def launch(
     discoveries: list[dict[str, Any]],
     cutoff: int,
@@ -338,7 +337,7 @@ def launch(
     """Lock each cluster and start its pipeline; return the task ids per cluster."""
     s = settings()
     _check_names(run_id=run_id, cutoff=cutoff)
-    if mode not in ("archive", "delete"):
+    if mode not in pipeline.MODES:
         raise ValueError(f"unknown mode {mode!r}")
     errors = [f"discovery on queue {d['queue']}: {d['error']}" for d in discoveries if "error" in d]
     for e in errors:
@@ -351,19 +350,13 @@ def launch(
         try:
             recovery.sweep_staging(s.staging, run_id, s.grace_seconds)
         except Exception as exc:
-            log.warning("staging sweep failed: %s", _error(exc))
-    marked = False
-    entries = []
+            log.warning("staging sweep failed: %s", pipeline.error_text(exc))
     # Cluster directories whose names are refused: reported (exit 1), nothing else done.
-    refused: dict[str, list[dict[str, str]]] = {}
-    for d in discoveries:
-        for c in d.get("clusters", []):
-            if c.get("refused") and not clusters:
-                refused.setdefault(c["cluster"], c.get("bad", []))
-        d["clusters"] = [c for c in d.get("clusters", []) if not c.get("refused")]
-    for name, bad in sorted(refused.items()):
-        report = ClusterReport(name, cutoff, run_id, bad=[BadFile(**b) for b in bad])
-        entries.append({"cluster": name, "hosts": {}, "report": _close(report, started, mode)})
+    entries = [
+        {"cluster": name, "hosts": {}, "report": _finish(run)}
+        for name, run in _refused(discoveries, clusters, cutoff, run_id, mode, started)
+    ]
+    marked = False
     for ch in routing.select_hosts(discoveries, router()):
         if clusters and ch.cluster not in clusters:
             continue
@@ -374,83 +367,217 @@ def launch(
         except steps.UnsafeName as exc:
             errors.append(f"refused: {exc}")
             continue
-        report = ClusterReport(ch.cluster, cutoff, run_id, hosts=len(ch.hosts))
-        report.bad.extend(BadFile(**b) for b in ch.bad)
-        entry: dict[str, Any] = {"cluster": ch.cluster, "hosts": list(ch.hosts)}
-        lock = _lock(ch.cluster, run_id)
-        # A redelivered launch finds its own run id in the lock: it may go on.
-        if not lock.acquire() and not lock.owned():
-            holder = _redis().get(lock.key)
-            owner = holder.decode() if isinstance(holder, bytes) else holder or "?"
-            report.errors.append(f"skipped: run {owner} is still working on this cluster")
-            entry["report"] = _close(report, started, mode)
-            entries.append(entry)
-            continue
-        entry["report_id"] = report_id = str(uuid.uuid4())
-        finish = finish_cluster.s(report=report.to_dict(), mode=mode, started=started).set(
-            queue=router().finalize_queue, task_id=report_id
+        bad = [BadFile(**b) for b in ch.bad]
+        run = pipeline.ClusterRun.begin(
+            ch.cluster, cutoff, run_id, list(ch.hosts), bad, mode, started
         )
-        if mode == "archive":
-            if not marked and s.staging:
-                # Before any chunk: a sweep removes only run directories marked as ours.
-                try:
-                    staging.mark_run(s.staging, run_id)
-                except Exception as exc:
-                    lock.release()
-                    report.errors.append(f"skipped: cannot mark the run's staging: {_error(exc)}")
-                    entry["report"] = _close(report, started, mode)
-                    entries.append(entry)
-                    continue
-                marked = True
-            entry["loads"] = {h: str(uuid.uuid4()) for h in ch.hosts}
-            entry["finalize"] = finalize_id = str(uuid.uuid4())
-            header = [
-                load_host.si(ch.cluster, h, cutoff, run_id).set(queue=q, task_id=entry["loads"][h])
-                for h, q in ch.hosts.items()
-            ]
-            body = finalize_cluster.s(
-                cluster=ch.cluster,
-                cutoff=cutoff,
-                run_id=run_id,
-                report=report.to_dict(),
-                queues=ch.hosts,
-                report_id=report_id,
-                started=started,
-            ).set(queue=router().finalize_queue, task_id=finalize_id)
-            _launch(header, body.on_error(_abandon(report, mode, started)))
-        else:
-            entry["deletes"] = {h: str(uuid.uuid4()) for h in ch.hosts}
-            header = [
-                delete_expired.si(ch.cluster, h, cutoff).set(queue=q, task_id=entry["deletes"][h])
-                for h, q in ch.hosts.items()
-            ]
-            _launch(header, finish.on_error(_abandon(report, mode, started)))
+        entry, marked = _start_cluster(run, dict(ch.hosts), marked)
         entries.append(entry)
     return {"run_id": run_id, "cutoff": cutoff, "mode": mode, "errors": errors, "clusters": entries}
+
+
+def _refused(
+    discoveries: list[dict[str, Any]],
+    clusters: list[str] | None,
+    cutoff: int,
+    run_id: str,
+    mode: str,
+    started: float,
+) -> list[tuple[str, pipeline.ClusterRun]]:
+    """The runs of cluster directories whose names are refused; drops them from `discoveries`."""
+    refused: dict[str, list[dict[str, str]]] = {}
+    for d in discoveries:
+        for c in d.get("clusters", []):
+            if c.get("refused") and not clusters:
+                refused.setdefault(c["cluster"], c.get("bad", []))
+        d["clusters"] = [c for c in d.get("clusters", []) if not c.get("refused")]
+    return [
+        (
+            name,
+            pipeline.ClusterRun.begin(
+                name, cutoff, run_id, [], [BadFile(**b) for b in bad], mode, started
+            ),
+        )
+        for name, bad in sorted(refused.items())
+    ]
+
+
+def _start_cluster(
+    run: pipeline.ClusterRun, queues: dict[str, str], marked: bool
+) -> tuple[dict[str, Any], bool]:
+    """Lock the cluster and start its first stage; its launch entry, and whether the run's
+    staging is marked now."""
+    s = settings()
+    report = run.report
+    cluster, run_id = report.cluster, report.run_id
+    entry: dict[str, Any] = {"cluster": cluster, "hosts": list(queues)}
+    lock = _lock(cluster, run_id)
+    # A redelivered launch finds its own run id in the lock: it may go on.
+    if not lock.acquire() and not lock.owned():
+        holder = _redis().get(lock.key)
+        owner = holder.decode() if isinstance(holder, bytes) else holder or "?"
+        run.skipped(f"run {owner} is still working on this cluster")
+        entry["report"] = _finish(run)
+        return entry, marked
+    if run.mode == "archive" and not marked and s.staging:
+        # Before any chunk: a sweep removes only run directories marked as ours.
+        try:
+            staging.mark_run(s.staging, run_id)
+        except Exception as exc:
+            run.skipped(f"cannot mark the run's staging: {pipeline.error_text(exc)}")
+            entry["report"] = _finish(run, release=True)
+            return entry, marked
+        marked = True
+    entry["report_id"] = str(uuid.uuid4())
+    if run.mode == "archive":
+        entry["loads"] = {h: str(uuid.uuid4()) for h in queues}
+        entry["finalize"] = str(uuid.uuid4())
+        _start_recovery(run, queues, entry)
+    else:
+        entry["deletes"] = {h: str(uuid.uuid4()) for h in queues}
+        header = [
+            delete_expired.si(cluster, h, report.cutoff).set(queue=q, task_id=entry["deletes"][h])
+            for h, q in queues.items()
+        ]
+        _launch(header, _finisher(run, entry["report_id"]).on_error(_abandon(run)))
+    return entry, marked
+
+
+def _by_queue(queues: dict[str, str]) -> dict[str, list[str]]:
+    """Hosts grouped by the queue that reaches their files."""
+    grouped: dict[str, list[str]] = {}
+    for host, queue in sorted(queues.items()):
+        grouped.setdefault(queue, []).append(host)
+    return grouped
+
+
+def _start_recovery(
+    run: pipeline.ClusterRun, queues: dict[str, str], entry: dict[str, Any]
+) -> None:
+    """Archive mode's first stage: recovery, once per cluster, before any load.
+
+    It runs where the files are: one task per queue that reaches some of the cluster's
+    hosts (one per cluster where one storage node holds it), all done before the first
+    load starts (`load_cluster` is their chord's callback)."""
+    report = run.report
+    header = [
+        recover_hosts.si(report.cluster, hosts, report.cutoff, report.run_id).set(queue=q)
+        for q, hosts in _by_queue(queues).items()
+    ]
+    body = load_cluster.s(
+        run=run.to_message(),
+        queues=queues,
+        load_ids=entry["loads"],
+        finalize_id=entry["finalize"],
+        report_id=entry["report_id"],
+    ).set(queue=router().finalize_queue)
+    _launch(header, body.on_error(_abandon(run)))
 
 
 # --- per host -----------------------------------------------------------------------------
 
 
-def _failed_load(cluster: str, host: str, cutoff: int, run_id: str, reason: str) -> dict[str, Any]:
-    log.warning("%s/%s not loaded, its files are kept: %s", cluster, host, reason)
-    manifest = HostManifest(
-        cluster, host, cutoff, run_id, bad=[BadFile(_host_path(cluster, host), reason)]
-    )
-    return {"manifest": manifest.to_dict(), "recovered": []}
+@app.task(bind=True, name=names.RECOVER_HOSTS)
+def recover_hosts(
+    self: Task, cluster: str, hosts: list[str], cutoff: int, run_id: str
+) -> dict[str, Any]:
+    """Recovery for these hosts of a cluster (`recovery.recover_cluster`): what it deleted
+    and kept, the files loading must skip; or why it could not (the cluster is skipped)."""
+    s = settings()
+    try:
+        _check_names(cluster=cluster, run_id=run_id, cutoff=cutoff)
+        for h in hosts:
+            _check_names(host=h)
+    except steps.UnsafeName as exc:
+        return {"error": f"refused: {exc}"}
+    if problem := _roots_problem():
+        return {"error": f"refused: {problem}"}
+    attempt = _attempt(self)
+    if attempt > _max_attempts():
+        return {"error": f"gave up after {attempt - 1} attempts (worker lost)"}
+    _renew(cluster, run_id)
+    try:
+        _holds.hold(Path(s.checkpoints or "") / cluster, cluster, run_id)
+        found = recovery.recover_cluster(
+            s.checkpoints or "", s.archive, cluster, hosts, s.grace_seconds
+        )
+    except LockBusy as exc:  # an embedded run is archiving this cluster: not ours
+        return {"skipped": str(exc)}
+    except Exception as exc:
+        if attempt < _max_attempts():
+            log.warning("%s: recovery attempt %d failed (%s), retrying", cluster, attempt, exc)
+            raise self.retry(exc=exc, countdown=_countdown(attempt), max_retries=None) from exc
+        return {"error": pipeline.error_text(exc)}
+    return {
+        "deleted": found.deleted,
+        "kept": [asdict(b) for b in found.kept],
+        "exclude": found.exclude,
+    }
 
 
-@app.task(bind=True, name="ccarchive.load_host")
-def load_host(self: Task, cluster: str, host: str, cutoff: int, run_id: str) -> dict[str, Any]:
-    """Recover and load one host; return `{"manifest": HostManifest, "recovered": [paths]}`."""
+@app.task(name=names.LOAD_CLUSTER)
+def load_cluster(
+    recoveries: list[dict[str, Any]],
+    run: dict[str, Any],
+    queues: dict[str, str],
+    load_ids: dict[str, str],
+    finalize_id: str,
+    report_id: str,
+) -> dict[str, Any]:
+    """Chord callback of recovery: fold it into the cluster's run, then load every host
+    (or, when recovery could not read the committed archives, skip the cluster)."""
+    cr = pipeline.ClusterRun.from_message(run)
+    report = cr.report
+    _check_names(cluster=report.cluster, run_id=report.run_id, cutoff=report.cutoff)
+    for r in recoveries:
+        if "skipped" in r:
+            cr.skipped(r["skipped"])
+        elif "error" in r:
+            cr.recovery_failed(r["error"])
+        else:
+            kept = [BadFile(**b) for b in r["kept"]]
+            cr.recovered(
+                recovery.Recovery(
+                    report.cluster, deleted=r["deleted"], kept=kept, exclude=r["exclude"]
+                )
+            )
+    if report.errors:  # nothing loaded: the cluster ends here, its files untouched
+        _launch([], _finisher(cr, report_id))
+        return {"report": report.to_dict(), "loads": {}}
+    header = [
+        load_host.si(report.cluster, h, report.cutoff, report.run_id, cr.exclude.get(h, [])).set(
+            queue=q, task_id=load_ids[h]
+        )
+        for h, q in queues.items()
+    ]
+    body = finalize_cluster.s(
+        cluster=report.cluster,
+        cutoff=report.cutoff,
+        run_id=report.run_id,
+        report=report.to_dict(),
+        queues=queues,
+        report_id=report_id,
+        started=cr.started,
+    ).set(queue=router().finalize_queue, task_id=finalize_id)
+    _launch(header, body.on_error(_abandon(cr)))
+    return {"report": report.to_dict(), "loads": load_ids}
+
+
+@app.task(bind=True, name=names.LOAD_HOST)
+def load_host(
+    self: Task, cluster: str, host: str, cutoff: int, run_id: str, exclude: list[str] | None = None
+) -> dict[str, Any]:
+    """Load one host (its cluster's recovery ran before); return `{"manifest": HostManifest}`.
+
+    `exclude`: file names recovery found listed in a committed archive but changed."""
     s = settings()
     try:
         _check_names(cluster=cluster, host=host, run_id=run_id, cutoff=cutoff)
     except steps.UnsafeName as exc:
         # Nothing was touched; the chord (if any) goes on without this "host".
         manifest = HostManifest(_shown(cluster), _shown(host), cutoff, _shown(run_id))
-        manifest.bad.append(BadFile(_host_path(cluster, host), f"refused: {exc}"))
-        return {"manifest": manifest.to_dict(), "recovered": []}
+        manifest.bad.append(BadFile(pipeline.host_label(cluster, host), f"refused: {exc}"))
+        return {"manifest": manifest.to_dict()}
     if problem := _roots_problem():
         return _failed_load(cluster, host, cutoff, run_id, f"refused: {problem}")
     attempt = _attempt(self)
@@ -463,9 +590,6 @@ def load_host(self: Task, cluster: str, host: str, cutoff: int, run_id: str) -> 
     _renew(cluster, run_id)
     try:
         _holds.hold(Path(s.checkpoints or "") / cluster, cluster, run_id)
-        found = recovery.recover_cluster(
-            s.checkpoints or "", s.archive, cluster, [host], s.grace_seconds
-        )
         manifest = steps.load_host(
             s.checkpoints or "",
             cluster,
@@ -474,77 +598,51 @@ def load_host(self: Task, cluster: str, host: str, cutoff: int, run_id: str) -> 
             s.staging or "",
             run_id,
             s.ipc_compression,
-            exclude=found.exclude.get(host, ()),
+            exclude=[str(n) for n in exclude or ()],
         )
-    except steps.UnsafeName as exc:
-        return _failed_load(cluster, host, cutoff, run_id, str(exc))
     except LockBusy as exc:  # an embedded run is archiving this cluster: not ours to load
         return _failed_load(cluster, host, cutoff, run_id, f"skipped: {exc}")
     except Exception as exc:
         if attempt < _max_attempts():
-            log.warning(
-                "%s/%s: attempt %d failed (%s), retrying", cluster, host, attempt, _error(exc)
-            )
+            log.warning("%s/%s: attempt %d failed (%s), retrying", cluster, host, attempt, exc)
             raise self.retry(exc=exc, countdown=_countdown(attempt), max_retries=None) from exc
+        text = pipeline.error_text(exc)
         return _failed_load(
-            cluster, host, cutoff, run_id, f"load failed after {attempt} attempts: {_error(exc)}"
+            cluster, host, cutoff, run_id, f"load failed after {attempt} attempts: {text}"
         )
-    manifest.bad[:0] = found.kept
     for bad in manifest.bad:
         log.warning("kept %s: %s", bad.path, bad.reason)
-    return {"manifest": manifest.to_dict(), "recovered": found.deleted}
+    return {"manifest": manifest.to_dict()}
 
 
-@functools.lru_cache(maxsize=4)
-def _archived_sources(url: str) -> dict[str, Any]:
-    """A published archive's commit record, read once per process (archives never change)."""
-    return sink.footer_sources(sink.read_footer(url))
+def _failed_load(cluster: str, host: str, cutoff: int, run_id: str, reason: str) -> dict[str, Any]:
+    return {"manifest": pipeline.failed_load(cluster, host, cutoff, run_id, reason).to_dict()}
 
 
-def _archived_files(url: str, host: str) -> dict[str, SourceFile]:
-    """File name -> identity of a host's files as the published archive lists them."""
-    entry = _archived_sources(url).get(host, {})
-    return {f["name"]: SourceFile.from_dict(f) for f in entry.get("files", [])}
-
-
-@app.task(name="ccarchive.delete_files")
+@app.task(name=names.DELETE_FILES)
 def delete_files(
     cluster: str, host: str, files: list[dict[str, Any]], cutoff: int, run_id: str, archived: bool
 ) -> dict[str, Any]:
-    """Delete a host's archived files: only those the published archive lists, same size."""
+    """Delete a host's archived files: only those the published archive lists, same identity."""
     s = settings()
-    wanted: list[SourceFile] = []
-    result = DeleteResult(_shown(cluster), _shown(host))
     try:
         wanted = [SourceFile.from_dict(f) for f in files]
         _check_names(cluster=cluster, host=host, run_id=run_id, cutoff=cutoff)
-        _renew(cluster, run_id)
-        if archived:
-            # Guarantee 1, checked where the deleting happens: the archive under its final
-            # name must list each file with this very identity, whatever the message says.
-            url = sink.archive_url(s.archive or "", steps.check_name(cluster, "cluster"), cutoff)
-            listed = _archived_files(url, host)
-            for f in [f for f in wanted if listed.get(f.name) != f]:
-                result.kept.append(
-                    BadFile(os.path.join(_host_path(cluster, host), f.name), f"not listed in {url}")
-                )
-            wanted = [f for f in wanted if listed.get(f.name) == f]
-        done = steps.delete_files(s.checkpoints or "", cluster, host, wanted)
+        url = sink.archive_url(s.archive or "", cluster, cutoff) if archived else None
     except Exception as exc:
-        # Kept files listed in a committed archive are deleted by the next run's recovery.
-        reason = f"not deleted: {_error(exc)}"
-        result.kept.extend(
-            BadFile(os.path.join(_host_path(cluster, host), _shown(f.name)), reason) for f in wanted
-        )
-        if not wanted:  # the message itself was unusable: say so rather than nothing
-            result.kept.append(BadFile(_host_path(cluster, host), reason))
+        # The message itself was unusable: say so rather than nothing.
+        result = DeleteResult(_shown(cluster), _shown(host))
+        reason = f"not deleted: {pipeline.error_text(exc)}"
+        result.kept.append(BadFile(pipeline.host_label(cluster, host), reason))
         log.error("%r/%r: %s", cluster, host, reason)
         return result.to_dict()
-    done.kept[:0] = result.kept
-    return done.to_dict()
+    _renew(cluster, run_id)
+    return pipeline.delete_archived(
+        s.checkpoints or "", cluster, host, wanted, url, run_id
+    ).to_dict()
 
 
-@app.task(name="ccarchive.delete_expired")
+@app.task(name=names.DELETE_EXPIRED)
 def delete_expired(cluster: str, host: str, cutoff: int) -> dict[str, Any]:
     """Delete mode: remove a host's checkpoint files with 0 < ts <= cutoff, unread."""
     try:
@@ -552,14 +650,15 @@ def delete_expired(cluster: str, host: str, cutoff: int) -> dict[str, Any]:
         return steps.delete_expired(settings().checkpoints or "", cluster, host, cutoff).to_dict()
     except Exception as exc:
         result = DeleteResult(_shown(cluster), _shown(host))
-        result.kept.append(BadFile(_host_path(cluster, host), f"not deleted: {_error(exc)}"))
+        reason = f"not deleted: {pipeline.error_text(exc)}"
+        result.kept.append(BadFile(pipeline.host_label(cluster, host), reason))
         return result.to_dict()
 
 
 # --- per cluster --------------------------------------------------------------------------
 
 
-@app.task(bind=True, name="ccarchive.finalize_cluster")
+@app.task(bind=True, name=names.FINALIZE_CLUSTER)
 def finalize_cluster(
     self: Task,
     loads: list[dict[str, Any]],
@@ -575,102 +674,118 @@ def finalize_cluster(
 
     Returns `{"report", "deletes": {host: task id}, "archive", "seconds"}`.
     """
-    s = settings()
     attempt = _attempt(self)
-    rep = ClusterReport.from_dict(report)  # built by launch: the report must come out
-    finish = finish_cluster.s(report=None, mode="archive", started=started).set(
-        queue=router().finalize_queue, task_id=report_id
-    )
+    # Built by launch: the report must come out, whatever happens here.
+    run = pipeline.ClusterRun.from_message({"report": report, "started": started})
     t0 = time.perf_counter()
-    manifests: list[HostManifest] = []
     try:
         # Inside the try: a refused message still ends with a report (FAILED, permanent).
         _check_names(cluster=cluster, run_id=run_id, cutoff=cutoff)
         if problem := _roots_problem():
             raise roots.RootsRefused(problem)
-        lock = _lock(cluster, run_id)
-
-        def still_ours() -> None:
-            if not lock.owned():
-                raise LockLost(f"the run lost the lock of cluster {cluster}; nothing published")
-
-        for r in loads:
-            m = HostManifest.from_dict(r["manifest"])
-            steps.check_name(m.host, "host")
-            # Chunks are read from this worker's own staging root, not from the message.
-            m.chunk = (
-                staging.chunk_url(s.staging or "", run_id, cluster, m.host) if m.chunk else None
-            )
-            manifests.append(m)
+        _fold_loads(run, loads)
         if attempt > _max_attempts():
             raise RuntimeError(f"gave up after {attempt - 1} attempts (worker lost)")
-        with _renewing(lock):
-            info = steps.finalize_cluster(
-                cluster,
-                cutoff,
-                run_id,
-                manifests,
-                s.archive or "",
-                sink.ParquetOptions.from_settings(s),
-                before_publish=still_ours,
-            )
+        info = _publish(run, cutoff, run_id)
     except Exception as exc:
-        permanent = isinstance(
-            exc, sink.ArchiveConflict | LockLost | steps.UnsafeName | roots.RootsRefused
-        )
-        # A lost lock may be the twin's doing: it published this very commit, then released
-        # the lock when its cluster finished (its staging cleanup may still be to come).
-        checkable = not permanent or isinstance(exc, LockLost)
-        twin = _published_twin(cluster, cutoff, run_id, manifests) if checkable else None
-        if twin is None:
-            if not permanent and attempt < _max_attempts():
-                raise self.retry(exc=exc, countdown=_countdown(attempt), max_retries=None) from exc
-            rep.bad.extend(b for m in manifests for b in m.bad)
-            rep.files_deleted += sum(len(r.get("recovered", [])) for r in loads)
-            rep.errors.append(f"archive not written, all files kept: {_error(exc)}")
-            log.error("%s: archive not written, all files kept: %s", cluster, _error(exc))
-            _launch([], finish.clone(kwargs={"report": rep.to_dict()}))
+        info = _finalize_failed(self, exc, run, attempt)
+        if info is None:
+            _launch([], _finisher(run, report_id))
             raise
-        log.warning(
-            "%s: %s, but this very commit is published (by a second delivery of this task)",
-            cluster,
-            _error(exc),
-        )
-        info = twin
     seconds = time.perf_counter() - t0
-    rep.bad.extend(b for m in manifests for b in m.bad)
-    rep.files_deleted += sum(len(r.get("recovered", [])) for r in loads)
-    with_files = [m for m in manifests if m.files]
-    rep.files_archived = sum(len(m.files) for m in with_files)
-    rep.rows = sum(m.rows for m in with_files)
-    if info is not None:
-        rep.archive = info.url
-        rep.bytes_written = 0 if info.already_existed else info.bytes
+    with_files = run.finalized(info)
     deletes = {m.host: str(uuid.uuid4()) for m in with_files}
     header = [
         delete_files.si(
-            cluster,
-            m.host,
-            [asdict(f) for f in m.files],
-            cutoff,
-            run_id,
-            info is not None,
+            cluster, m.host, [asdict(f) for f in m.files], cutoff, run_id, info is not None
         ).set(
             queue=queues.get(m.host) or router().queue_for(cluster, m.host), task_id=deletes[m.host]
         )
         for m in with_files
     ]
-    finish = finish.clone(kwargs={"report": rep.to_dict()})
-    _launch(header, finish.on_error(_abandon(rep, "archive", started)))
+    _launch(header, _finisher(run, report_id).on_error(_abandon(run)))
+    rep = run.report
     return {"report": rep.to_dict(), "deletes": deletes, "archive": rep.archive, "seconds": seconds}
 
 
-def _abandon(report: ClusterReport, mode: str, started: float) -> Signature:
-    """The errback of a cluster's chord callbacks (finalize, finish): see abandon_cluster."""
-    return abandon_cluster.s(report=report.to_dict(), mode=mode, started=started)
+def _fold_loads(run: pipeline.ClusterRun, loads: list[dict[str, Any]]) -> None:
+    """Fold the load results into the run; their chunks are read from this worker's own
+    staging root, never from the message."""
+    s = settings()
+    report = run.report
+    for r in loads:
+        m = HostManifest.from_dict(r["manifest"])
+        steps.check_name(m.host, "host")
+        if m.chunk:
+            m.chunk = staging.chunk_url(s.staging or "", report.run_id, report.cluster, m.host)
+        run.loaded(m.host, m)
 
 
-@app.task(name="ccarchive.abandon_cluster")
+def _publish(run: pipeline.ClusterRun, cutoff: int, run_id: str) -> sink.ArchiveInfo | None:
+    """Write, verify and publish the archive while the run still holds the cluster's lock."""
+    s = settings()
+    cluster = run.report.cluster
+    lock = _lock(cluster, run_id)
+
+    def still_ours() -> None:
+        if not lock.owned():
+            raise LockLost(f"the run lost the lock of cluster {cluster}; nothing published")
+
+    with _renewing(lock):
+        return steps.finalize_cluster(
+            cluster,
+            cutoff,
+            run_id,
+            run.manifests,
+            s.archive or "",
+            sink.ParquetOptions.from_settings(s),
+            before_publish=still_ours,
+        )
+
+
+def _finalize_failed(
+    task: Task, exc: Exception, run: pipeline.ClusterRun, attempt: int
+) -> sink.ArchiveInfo | None:
+    """After a failed finalize: retry (raises), or the published twin's archive to go on
+    with, or None when the failure stands (folded into the run)."""
+    report = run.report
+    permanent = isinstance(
+        exc, sink.ArchiveConflict | LockLost | steps.UnsafeName | roots.RootsRefused
+    )
+    # A lost lock may be the twin's doing: it published this very commit, then released
+    # the lock when its cluster finished (its staging cleanup may still be to come).
+    checkable = not permanent or isinstance(exc, LockLost)
+    twin = (
+        _published_twin(report.cluster, report.cutoff, report.run_id, run.manifests)
+        if checkable
+        else None
+    )
+    if twin is not None:
+        log.warning(
+            "%s: %s, but this very commit is published (by a second delivery of this task)",
+            report.cluster,
+            pipeline.error_text(exc),
+        )
+        return twin
+    if not permanent and attempt < _max_attempts():
+        raise task.retry(exc=exc, countdown=_countdown(attempt), max_retries=None) from exc
+    run.finalized(error=pipeline.error_text(exc))
+    return None
+
+
+def _finisher(run: pipeline.ClusterRun, report_id: str) -> Signature:
+    """The cluster's last task (`finish_cluster`), carrying its run as it stands now."""
+    return finish_cluster.s(report=run.report.to_dict(), mode=run.mode, started=run.started).set(
+        queue=router().finalize_queue, task_id=report_id
+    )
+
+
+def _abandon(run: pipeline.ClusterRun) -> Signature:
+    """The errback of a cluster's chord callbacks: see abandon_cluster."""
+    return abandon_cluster.s(report=run.report.to_dict(), mode=run.mode, started=run.started)
+
+
+@app.task(name=names.ABANDON_CLUSTER)
 def abandon_cluster(
     request: Any,
     exc: BaseException,
@@ -691,24 +806,21 @@ def abandon_cluster(
     """
     if not isinstance(exc, ChordError):
         return None
-    rep = ClusterReport.from_dict(report)
+    run = pipeline.ClusterRun.from_message({"report": report, "mode": mode, "started": started})
+    rep = run.report
     try:
         _check_names(cluster=rep.cluster, run_id=rep.run_id)
     except steps.UnsafeName:
         return None
     rep.errors.append(
-        f"the run broke off ({_error(exc)}); files not archived stay in place and the "
-        "next run recovers what was committed"
+        f"the run broke off ({pipeline.error_text(exc)}); files not archived stay in place "
+        "and the next run recovers what was committed"
     )
     s = settings()
     if mode == "archive" and s.staging and not _roots_problem():
         with suppress(Exception):  # swept later anyway (recovery.sweep_staging)
             steps.cleanup_staging(s.staging, rep.run_id, rep.cluster)
-    try:
-        _lock(rep.cluster, rep.run_id).release()
-    except redis.RedisError as error:
-        log.warning("lock of %s not released (it expires): %s", rep.cluster, error)
-    return _close(rep, started, mode)
+    return _finish(run, release=True)
 
 
 def _published_twin(
@@ -732,49 +844,50 @@ def _published_twin(
         return None  # unreadable, or another commit: the failure stands
 
 
-def _close(report: ClusterReport, started: float, mode: str) -> dict[str, Any]:
-    """Time a cluster's report, log and record it (`ccarchive status`), return it as a dict."""
-    report.seconds = max(0.0, time.time() - started)
-    data = report.to_dict()
-    config = settings()
-    ops.record_run(  # never raises
-        config.run_log,
-        report,
-        mode,
-        keep=config.run_log_keep,
-        max_age=config.run_log_max_age_seconds,
-    )
+def _release(cluster: str, run_id: str) -> None:
+    try:
+        _lock(cluster, run_id).release()
+    except redis.RedisError as exc:
+        log.warning("lock of %s not released (it expires): %s", cluster, exc)
+
+
+def _push_report(data: dict[str, Any]) -> None:
+    """Add a cluster's report to the report log in Redis (what beat runs leave); best effort."""
     try:
         pipe = _redis().pipeline()
         pipe.lpush(REPORTS_KEY, json.dumps(data))
         pipe.ltrim(REPORTS_KEY, 0, REPORTS_KEEP - 1)
         pipe.execute()
     except redis.RedisError as exc:
-        log.warning("report of %s not logged: %s", report.cluster, exc)
-    level = logging.INFO if report.ok else logging.WARNING
-    log.log(
-        level,
-        "run %s cluster %s: %d hosts, %d files archived, %d deleted, %d rows, %d kept, %d errors, archive %s",
-        report.run_id,
-        report.cluster,
-        report.hosts,
-        report.files_archived,
-        report.files_deleted,
-        report.rows,
-        len(report.bad),
-        len(report.errors),
-        report.archive or "-",
+        log.warning("report of %s not logged: %s", data.get("cluster"), exc)
+
+
+def _finish(
+    run: pipeline.ClusterRun, cleanup: bool = False, release: bool = False
+) -> dict[str, Any]:
+    """End a cluster's run (`ClusterRun.finish`: staging, lock, record, metrics, log), log
+    its report in Redis and return it as a dict."""
+    s = settings()
+    rep = run.report
+    run_log = pipeline.RunLog(s.run_log, s.run_log_keep, s.run_log_max_age_seconds)
+    run.finish(
+        run_log,
+        staging=s.staging if cleanup and run.mode == "archive" and not _roots_problem() else None,
+        release=functools.partial(_release, rep.cluster, rep.run_id) if release else None,
+        whole_run=True,
     )
+    data = rep.to_dict()
+    _push_report(data)
     return data
 
 
-@app.task(name="ccarchive.finish_cluster")
+@app.task(name=names.FINISH_CLUSTER)
 def finish_cluster(
     deletions: list[dict[str, Any]], report: dict[str, Any], mode: str, started: float
 ) -> dict[str, Any]:
     """Last step of a cluster: count deletions, remove staging, release the lock, report."""
-    s = settings()
-    rep = ClusterReport.from_dict(report)
+    run = pipeline.ClusterRun.from_message({"report": report, "mode": mode, "started": started})
+    rep = run.report
     try:
         # The report names the staging prefix to remove and the lock to release: a forged
         # cluster or run id ("..") must not make this remove a whole root.
@@ -783,23 +896,13 @@ def finish_cluster(
         rep.errors.append(f"refused: {exc}")
         rep.cluster, rep.run_id = _shown(rep.cluster), _shown(rep.run_id)
         data = rep.to_dict()
-        with suppress(redis.RedisError):  # the log of reports is best effort, as in _close
+        with suppress(redis.RedisError):  # the log of reports is best effort
             _redis().lpush(REPORTS_KEY, json.dumps(data))
         return data
     for d in deletions:
         result = DeleteResult.from_dict(d)
-        rep.files_deleted += len(result.deleted)
-        rep.bad.extend(result.kept)
-    if mode == "archive" and s.staging and not _roots_problem():
-        try:
-            steps.cleanup_staging(s.staging, rep.run_id, rep.cluster)
-        except Exception as exc:
-            rep.errors.append(f"staging not removed: {_error(exc)}")
-    try:
-        _lock(rep.cluster, rep.run_id).release()
-    except redis.RedisError as exc:
-        log.warning("lock of %s not released (it expires): %s", rep.cluster, exc)
-    return _close(rep, started, mode)
+        run.deleted(result.host, result)
+    return _finish(run, cleanup=True, release=True)
 
 
 __all__ = [
@@ -812,8 +915,10 @@ __all__ = [
     "finalize_cluster",
     "finish_cluster",
     "launch",
+    "load_cluster",
     "load_host",
     "plan",
+    "recover_hosts",
     "router",
     "settings",
 ]

@@ -15,6 +15,10 @@ PLAN = "ccarchive.plan"
 DISCOVER = "ccarchive.discover"
 #: Takes each cluster's lock and starts its per-host chord.
 LAUNCH = "ccarchive.launch"
+#: Recovers a cluster's committed archives for the hosts one queue reaches (archive mode).
+RECOVER_HOSTS = "ccarchive.recover_hosts"
+#: After recovery: starts the cluster's per-host loads and its finalize chord.
+LOAD_CLUSTER = "ccarchive.load_cluster"
 #: Loads one host's checkpoints into staging (archive mode).
 LOAD_HOST = "ccarchive.load_host"
 #: Deletes one host's archived checkpoint files (archive mode).
@@ -34,6 +38,8 @@ TASKS = frozenset(
         PLAN,
         DISCOVER,
         LAUNCH,
+        RECOVER_HOSTS,
+        LOAD_CLUSTER,
         LOAD_HOST,
         DELETE_FILES,
         DELETE_EXPIRED,

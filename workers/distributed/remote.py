@@ -360,6 +360,9 @@ def _follow(
             else:
                 reports[cluster] = _report(run, cluster, value, failed)
                 notify("done", cluster, {"ok": reports[cluster].ok})
+                # The report ends the cluster: loads a skip (after recovery) never started
+                # will not come.
+                pending.difference_update(t for t in list(pending) if watch[t][1] == cluster)
         now = time.monotonic()
         if not ready and live.due():
             restarted = live.restarted_empty()

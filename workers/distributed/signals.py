@@ -2,9 +2,9 @@
 
 At start: the broker and result backend answer (else one error line and exit 2), and the
 storage options apply to every process that runs tasks. Per task: its log lines carry its
-run, cluster and host, and its result feeds the Prometheus metrics (which a worker serves
-when CCARCHIVE_METRICS_PORT is set). The hooks only adapt Celery's signals to the plain
-functions of `workers.logs`, `workers.metrics` and `workers.config`.
+run, cluster and host. The worker serves the Prometheus metrics when CCARCHIVE_METRICS_PORT
+is set (the pipeline counts a cluster when its run ends). The hooks only adapt Celery's
+signals to the plain functions of `workers.logs`, `workers.metrics` and `workers.config`.
 """
 
 from __future__ import annotations
@@ -66,14 +66,6 @@ def _task_postrun(task_id: str | None = None, **_: Any) -> None:
     logs.task_ended(task_id or "")
 
 
-def _count_result(sender: Any = None, result: Any = None, **_: Any) -> None:
-    """Count a finished task's result if it is a cluster's final report."""
-    try:
-        metrics.observe_task_result(result)
-    except Exception:  # metrics must never fail a task
-        log.exception("cannot count the result of %s", getattr(sender, "name", sender))
-
-
 def _serve_metrics(**_: Any) -> None:
     """The worker's main process serves the metrics endpoint (if a port is configured)."""
     try:
@@ -96,7 +88,6 @@ _HOOKS = (
     (signals.after_setup_task_logger, _annotate),
     (signals.task_prerun, _task_prerun),
     (signals.task_postrun, _task_postrun),
-    (signals.task_success, _count_result),
     (signals.worker_init, _serve_metrics),
     (signals.worker_process_shutdown, _process_exited),
 )
