@@ -1,4 +1,4 @@
-"""Checkpoint files of the ClusterCockpit metric store: naming, JSON and binary readers.
+"""Checkpoint files of the ClusterCockpit metric store: the JSON and binary readers.
 
 A reader turns one file into a `FileBatch`: its series as columns (starts, frequencies,
 lengths, value offsets, and codes into small per-file tables of metric names and levels),
@@ -15,7 +15,6 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,11 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .alloc import tune_allocator
+from .paths import INT64_MAX, BadCheckpoint
 
 MAGIC = 0xCC5B0001
 INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
-CHECKPOINT_SUFFIXES = (".json", ".bin")
 
 #: How deep levels may nest below the top level (node -> socket -> core -> hwthread is 3).
 #: A deeper file is bad: a nesting bomb must cost neither quadratic time nor memory.
@@ -45,14 +43,6 @@ _SCOPE_PREFIXES = (
     ("cpu", "hwthread"),
     ("accelerator", "accelerator"),
 )
-
-
-class BadCheckpoint(Exception):
-    """A checkpoint file that cannot be archived; `reason` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,31 +182,6 @@ def _scope_of(name: str) -> tuple[str, str]:
     """parse_scope, remembered for short names (`cpu7` recurs in every file of a host)."""
     # Long names are not kept: a hostile file must not fill the cache with megabytes.
     return _cached_scope(name) if len(name) <= 40 else parse_scope(name)
-
-
-def checkpoint_timestamp(name: str) -> int | BadCheckpoint | None:
-    """Classify a file name: its timestamp, None when it is no checkpoint, or why it is bad."""
-    stem, dot, ext = name.rpartition(".")
-    if not dot or "." + ext not in CHECKPOINT_SUFFIXES:
-        return None
-    # isdigit() alone would accept non-ASCII digits such as "٣".
-    if not stem or not stem.isascii() or not stem.isdigit():
-        return BadCheckpoint(f"file name stem {stem!r} is not a Unix timestamp")
-    ts = int(stem)
-    if ts > INT64_MAX:
-        return BadCheckpoint(f"file name stem {stem!r} does not fit in int64")
-    return ts
-
-
-def read_checkpoint(path: Path) -> list[Series]:
-    """Read one checkpoint file (format chosen by its extension); raise BadCheckpoint."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BadCheckpoint(f"cannot read: {exc.strerror or exc}") from exc
-    if path.suffix == ".bin":
-        return parse_binary(data)
-    return parse_json(data)
 
 
 # --- JSON -----------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from prometheus_client import (
 )
 
 from .manifest import ClusterReport
-from .ops import run_outcome as outcome
+from .runlog import run_outcome as outcome
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import metrics, ops, recovery, roots, staging, steps, storage
+from . import metrics, recovery, roots, staging, steps, storage
+from . import runlog as ops  # run records left ops (now: runlog); rename on merge
 from .locks import DirectoryLock, LockBusy
-from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest
-from .sink import ArchiveInfo, ParquetOptions
+from .manifest import (
+    ArchiveInfo,
+    BadFile,
+    ClusterReport,
+    DeleteResult,
+    HostManifest,
+    ParquetOptions,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The Parquet sink: streams hosts' rows into one cluster archive, verifies it, publishes it.
 
-The file is streamed into a `storage.Output` (local: a temporary name; S3: a multipart
+The file is streamed into an `output.Output` (local: a temporary name; S3: a multipart
 upload), verified by re-reading its footer (row counts per host, metadata), and only then
 published under `<archive>/<cluster>/<T>.parquet` without ever replacing an existing
 file. The footer's key-value metadata is the commit record: it lists every archived
@@ -20,10 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__, storage
+from . import __version__, output, storage
 from .alloc import tune_allocator
 from .faults import crash_point
-from .manifest import HostManifest
+from .manifest import ArchiveInfo, HostManifest, ParquetOptions
+from .paths import archive_url as archive_url  # re-exported: `sink.archive_url` stays valid
 from .rows import ARCHIVE_SCHEMA, SORT_KEY
 
 META_PREFIX = "ccarchive."
@@ -51,39 +52,6 @@ class VerificationError(Exception):
 
 
 @dataclass(frozen=True)
-class ParquetOptions:
-    """Knobs of the Parquet writer; defaults chosen by measurement (bench/README.md)."""
-
-    row_group_rows: int = 1_048_576
-    zstd_level: int = 3
-    data_page_bytes: int = 1 << 20
-    #: Rows per data page: the page index's granularity. 64 Ki rows is about one metric of
-    #: a host's hardware threads; pyarrow's default of 20 000 costs 6 % more bytes and
-    #: 9 % more writer CPU on generated data for finer page skipping than queries need.
-    page_rows: int = 65_536
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> ParquetOptions:
-        """The options a `workers.config.Settings` asks for."""
-        return cls(
-            row_group_rows=settings.row_group_rows,
-            zstd_level=settings.zstd_level,
-            page_rows=settings.page_rows,
-        )
-
-
-@dataclass(frozen=True)
-class ArchiveInfo:
-    """A published archive file."""
-
-    url: str
-    rows: int
-    bytes: int
-    row_groups: int
-    already_existed: bool = False
-
-
-@dataclass(frozen=True)
 class CommitRecord:
     """What an archive must hold: rows per host, and the footer metadata naming its sources."""
 
@@ -100,11 +68,6 @@ def commit_record(
         rows={m.host: m.rows for m in with_files},
         metadata=footer_metadata(cluster, cutoff, run_id, with_files),
     )
-
-
-def archive_url(archive: str, cluster: str, cutoff: int) -> str:
-    """Final location of a cluster's archive for cutoff T."""
-    return storage.join(archive, cluster, f"{cutoff}.parquet")
 
 
 def footer_metadata(
@@ -200,22 +163,23 @@ def _with_names(cluster: str, host: str, table: pa.Table) -> pa.Table:
 
 
 def _writer(sink: BinaryIO, options: ParquetOptions) -> pq.ParquetWriter:
-    # Chosen by measurement on generated data (bench/README.md, "Parquet writer settings"):
+    # Each choice below won its measurement (bench/README.md, "Parquet writer settings",
+    # has the figures):
     # - strings and frequency: dictionary (the chunks arrive dictionary-encoded, so no
     #   hashing); sorted rows make the indices long runs;
-    # - timestamp: DELTA_BINARY_PACKED, 0.02 bytes/row against 0.03 for plain + zstd;
+    # - timestamp: DELTA_BINARY_PACKED, smaller than plain + zstd;
     # - value: PLAIN + zstd. One-decimal readings repeat their float32 bit patterns, which
-    #   zstd finds in plain data; BYTE_STREAM_SPLIT scatters them (+24 % file size) and a
-    #   dictionary costs +9 % size and 10 % more writer CPU;
-    # - pages of 64 Ki rows: pyarrow's 20 000 cost +6 % size, one page per chunk would
-    #   leave the page index nothing to skip within a host;
+    #   zstd finds in plain data; BYTE_STREAM_SPLIT scatters them, a dictionary costs size
+    #   and writer CPU;
+    # - pages of 64 Ki rows: smaller pages cost size, one page per chunk would leave the
+    #   page index nothing to skip within a host;
     # - write_batch_size: Arrow computes dictionary statistics per batch (a hash of the
-    #   indices); its default of 1024 rows costs 15 % more writer CPU;
+    #   indices), so pyarrow's small default batches cost writer CPU;
     # - statistics (and so the page index's min/max) only where they can skip data:
     #   hostname (verify() reads them too), metric, timestamp, frequency, value. cluster
     #   is constant per file and every host's row group holds every scope: statistics on
-    #   them would skip nothing and cost 16 % more writer CPU;
-    # - zstd level 3: level 1 is +7 % size, level 6 saves 5 % for 40 % more writer CPU.
+    #   them would skip nothing and cost writer CPU;
+    # - zstd level 3: the knee between size and writer CPU.
     return pq.ParquetWriter(sink, _WRITE_SCHEMA, **_writer_options(options))
 
 
@@ -317,7 +281,7 @@ def write_archive(
     known only at the end. An existing archive is then looked at only if the name turns
     out to be taken when publishing.
 
-    The file is streamed into a `storage.Output` (local: temporary file; S3: multipart
+    The file is streamed into an `output.Output` (local: temporary file; S3: multipart
     upload), so it is never whole in memory and nothing is visible under `url` before
     `commit()`. Before the commit its footer is read back from the bytes actually written
     and verified; after the commit the published file is verified once more (for S3 that
@@ -334,7 +298,7 @@ def write_archive(
         commit_record_now: Callable[[], CommitRecord] = lambda: known  # noqa: E731
     else:
         commit_record_now = functools.cache(record)  # called for the footer, then kept
-    with storage.create(url, exclusive=True) as out:
+    with output.create(url, exclusive=True) as out:
         # write_parquet consumes the hosts in order and then writes only the page index and
         # the footer: from that mark on the output keeps the bytes for readback(), because
         # an S3 upload cannot be read before it is completed.
