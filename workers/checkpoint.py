@@ -10,6 +10,7 @@ per metric) is the same content for tests and tools; the hot path never makes on
 from __future__ import annotations
 
 import functools
+import json
 import re
 import struct
 from collections.abc import Callable, Sequence
@@ -212,8 +213,6 @@ def _loads(data: bytes) -> Any:
 
 def _loads_keeping_negative_zero(data: bytes) -> Any:
     """The document as the standard library reads it, with the integer `-0` as -0.0."""
-    import json
-
     try:
         return json.loads(data, parse_int=_parse_int_keep_negative_zero)
     except RecursionError:
