@@ -193,12 +193,12 @@ def pyarrow_write(args: dict[str, Any]) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from workers import sink, staging
+    from workers import chunks, sink
     from workers.rows import ARCHIVE_SCHEMA
 
     manifests = json.loads(Path(args["manifests"]).read_text())
     parts = [
-        sink._with_names(m["cluster"], m["host"], pa.Table.from_batches(staging.read_chunk(c)))
+        sink._with_names(m["cluster"], m["host"], pa.Table.from_batches(chunks.read_chunk(c)))
         for m in manifests
         if (c := m["chunk"])
     ]
@@ -228,16 +228,14 @@ def parquet_sweep(args: dict[str, Any]) -> dict[str, Any]:
 
     import pyarrow.parquet as pq
 
-    from workers import sink, staging
+    from workers import chunks, sink
 
     manifests = json.loads(Path(args["manifests"]).read_text())
     tables = [
         t
         for m in manifests
         if m["chunk"]
-        for t in sink._row_groups(
-            m["cluster"], m["host"], staging.read_chunk(m["chunk"]), 1_048_576
-        )
+        for t in sink._row_groups(m["cluster"], m["host"], chunks.read_chunk(m["chunk"]), 1_048_576)
     ]
     rows = sum(t.num_rows for t in tables)
     strings = [*sink._STRING_COLUMNS, "frequency"]

@@ -53,9 +53,9 @@ from tests.fixtures_redis import (
 )
 from tests.helpers import Row, archive_rows, oracle_rows, snapshot
 from workers import storage
-from workers.checkpoint import checkpoint_timestamp
 from workers.distributed import names
 from workers.generate import Level, Metric, write_checkpoint
+from workers.paths import checkpoint_timestamp
 from workers.sink import META_PREFIX, footer_sources
 
 #: The cutoff of every first run; files at or after NEVER are never selected.

@@ -39,7 +39,7 @@ from tests.helpers import (
     sort_key,
     write_json,
 )
-from workers import storage
+from workers import output, storage
 from workers.manifest import ClusterReport
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -342,8 +342,7 @@ def test_refused_cluster_directories_in_the_distributed_plan(
 ) -> None:
     """Celery path: discover reports them, launch makes each a cluster report with the
     reason (no task, no lock), and the client shows them like any report (exit 1)."""
-    from workers import tasks
-    from workers.distributed import remote
+    from workers.distributed import remote, tasks
 
     cp = tmp_path / "cp"
     cp.mkdir()
@@ -425,7 +424,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path: Path) -> None:
             # 1: the disk fills while writing.
             with (
                 pytest.raises(OSError) as failed,
-                storage.create(str(disk / "a" / "big.parquet")) as out,
+                output.create(str(disk / "a" / "big.parquet")) as out,
             ):
                 for _ in range(64):
                     out.write(b"x" * 4096)
@@ -442,7 +441,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path: Path) -> None:
                 head = 64 * 1024 - 100  # written straight through; 4096 more do not fit
             with (
                 pytest.raises(OSError) as failed,
-                storage.create(str(disk / "a" / "small.parquet")) as out,
+                output.create(str(disk / "a" / "small.parquet")) as out,
             ):
                 if head:
                     out.write(b"y" * head)

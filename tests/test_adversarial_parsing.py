@@ -474,7 +474,7 @@ def test_the_plan_task_refuses_a_cutoff_out_of_range(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, object]
 ) -> None:
     # The distributed entry point (beat, or a forged message): refused before anything runs.
-    from workers import tasks
+    from workers.distributed import tasks
 
     for key in ("checkpoints", "archive", "staging"):
         (tmp_path / key).mkdir()

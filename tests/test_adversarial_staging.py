@@ -448,8 +448,8 @@ def test_a_planted_temporary_staging_folder_is_refused(world: Path, case: str) -
 
 @pytest.fixture
 def overlapping_worker(world: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """workers.tasks with this process's settings: staging = the checkpoint root."""
-    from workers import tasks
+    """workers.distributed.tasks with this process's settings: staging = the checkpoint root."""
+    from workers.distributed import tasks
 
     for name in list(os.environ):
         if name.startswith("CCARCHIVE_"):

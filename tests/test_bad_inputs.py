@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_s3 import S3Bucket, free_port
-from workers.cli import EXIT_PIPE, _parser
+from workers.cli_parser import build_parser
+from workers.usage import EXIT_PIPE
 
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).with_name("celery"))
@@ -38,7 +39,7 @@ class Case:
 
 def subcommands() -> list[str]:
     """Every subcommand `ccarchive --help` lists."""
-    action = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sorted(action.choices)
 
 
@@ -301,7 +302,7 @@ def test_beat_without_retention_warns_at_start_and_every_tick(
 def test_help_describes_every_option_with_example_and_exit_codes(name: str) -> None:
     """Every option has a one-line description; every --help ends with an example and
     the exit codes."""
-    parser = _parser()
+    parser = build_parser()
     if name:
         action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = action.choices[name]

@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import bin_file, bin_level, f32_bits, level, metric
-from workers.checkpoint import (
-    BadCheckpoint,
-    checkpoint_timestamp,
-    parse_binary,
-    parse_json,
-    parse_scope,
-)
+from workers.checkpoint import BadCheckpoint, parse_binary, parse_json, parse_scope
+from workers.paths import checkpoint_timestamp
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import pytest
 import s3fs
 
 from tests.fixtures_s3 import S3Bucket
-from workers import ops, recovery, sourcefiles, staging, steps, storage
+from workers import output, paths, recovery, runlog, sourcefiles, staging, steps, storage
 from workers.config import Settings, mask_url
 from workers.distributed.app import _transport_options, celery_config
 from workers.distributed.connection import redis_client
@@ -155,7 +155,7 @@ def test_recovery_refuses_an_unsafe_cluster_even_without_hosts(tmp_path: Path) -
     with pytest.raises(steps.UnsafeName):
         recovery.recover_cluster(str(tmp_path), str(tmp_path / "archive"), "..", [])
     with pytest.raises(steps.UnsafeName):
-        recovery.committed_archives(str(tmp_path / "archive"), "../x", 0)
+        paths.archive_files(str(tmp_path / "archive"), "../x", 0)
 
 
 def test_load_host_refuses_a_run_id_that_leaves_staging(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_delete_files_keeps_going_past_a_hostile_file_name(tmp_path: Path) -> No
 def test_run_records_refuse_unsafe_names(tmp_path: Path) -> None:
     for cluster, run_id in [("..", "r"), ("c", "../../x")]:
         report = ClusterReport(cluster, 1, run_id)
-        assert ops.record_run(str(tmp_path / "runs"), report, "archive") is None
+        assert runlog.record_run(str(tmp_path / "runs"), report, "archive") is None
     assert not (tmp_path / "runs").exists() and not (tmp_path / "x.json").exists()
 
 
@@ -206,7 +206,7 @@ def real_initiated(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def dead_upload(bucket: S3Bucket, key: str) -> None:
     """An unfinished multipart upload with one part stored: a writer that died."""
-    out = storage.create(f"{bucket.url}/{key}", exclusive=False)
+    out = output.create(f"{bucket.url}/{key}", exclusive=False)
     out.write(b"x" * 6 * MiB)  # the first part goes up; nobody ever completes or aborts
 
 

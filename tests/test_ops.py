@@ -29,7 +29,7 @@ import pytest
 from tests.fixtures_redis import drop_dac_prefix
 from tests.fixtures_s3 import S3Bucket
 from tests.helpers import Row, level, metric, oracle_rows, sort_key, write_json
-from workers import ops
+from workers import query
 from workers.cli import main
 
 HOSTS = ("h1", "h2", "h3")
@@ -405,20 +405,20 @@ def test_query_parquet_matches_the_oracle(
 
 
 def test_query_pushes_filters_down_to_row_groups(archived: Archived) -> None:
-    everything = ops.plan_query(str(archived.archive))
+    everything = query.plan_query(str(archived.archive))
     assert everything.row_groups_total == everything.row_groups_selected == 7  # 3 + 3 + 1
 
-    one_host = ops.plan_query(str(archived.archive), hosts=["h2"])
+    one_host = query.plan_query(str(archived.archive), hosts=["h2"])
     assert one_host.row_groups_selected == 2  # h2's row group in each fritz archive
-    late = ops.plan_query(str(archived.archive), start=2000)
+    late = query.plan_query(str(archived.archive), start=2000)
     assert late.row_groups_selected == 3  # only the 2500 archive holds timestamps >= 2000
     # Statistics are ranges: a name between a row group's min and max cannot be ruled out
     # (it is filtered while reading), one outside every range is never read at all.
-    inside = ops.plan_query(str(archived.archive), metrics=["load"])
-    assert inside.row_groups_selected == 6 and list(ops.query_batches(inside)) == []
-    none = ops.plan_query(str(archived.archive), metrics=["zzz"])
-    assert none.row_groups_selected == 0 and list(ops.query_batches(none)) == []
-    only_alex = ops.plan_query(str(archived.archive), clusters=["alex"])
+    inside = query.plan_query(str(archived.archive), metrics=["load"])
+    assert inside.row_groups_selected == 6 and list(query.query_batches(inside)) == []
+    none = query.plan_query(str(archived.archive), metrics=["zzz"])
+    assert none.row_groups_selected == 0 and list(query.query_batches(none)) == []
+    only_alex = query.plan_query(str(archived.archive), clusters=["alex"])
     assert [Path(f).name for f in only_alex.files] == ["1500.parquet"]  # fritz never opened
 
 
@@ -525,7 +525,7 @@ def test_status_inspect_query_on_s3(
     assert code == 0
     got = sorted(table_rows(pq.read_table(out_file)), key=full_key)
     assert got == [r for r in rows if r[1] == "h1"]
-    assert ops.plan_query(archive, hosts=["h1"]).row_groups_selected == 1
+    assert query.plan_query(archive, hosts=["h1"]).row_groups_selected == 1
 
 
 def test_status_of_delete_mode_from_run_records_only(

@@ -49,7 +49,7 @@ def test_a_chord_member_finishing_while_redis_is_away_does_not_break_the_chord(
 
     group_id = str(uuid.uuid4())
     # A name no app registers: the callback is only counted, never run (once another test
-    # has imported workers.tasks, a real task's signature is checked against its parameters).
+    # has imported workers.distributed.tasks, a real task's signature is checked against its parameters).
     callback = app.signature("ccarchive.test_chord_callback", queue="results-test")
     callback.freeze()
     backend.set_chord_size(group_id, 2)

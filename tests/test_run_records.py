@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import archive_argv
-from workers import ops
+from workers import runlog
 from workers.config import default_run_log, load_settings, location_id
 from workers.generate import Level, Metric, write_checkpoint
 from workers.manifest import ClusterReport
@@ -236,7 +236,7 @@ def test_records_are_pruned_by_count_and_age(tmp_path: Path) -> None:
         run_id = f"{CUTOFF}-{age_days:04d}-00000000"
         ids.append(run_id)
         report = ClusterReport("c", CUTOFF, run_id, hosts=1)
-        assert ops.record_run(
+        assert runlog.record_run(
             run_log, report, "archive", finished=now - age_days * day, keep=5, max_age=25 * day
         )
     names = sorted(p.name for p in foreign.parent.iterdir())
@@ -252,7 +252,7 @@ def test_records_are_pruned_by_count_and_age(tmp_path: Path) -> None:
     )
     # A much shorter age limit prunes the old ones, but never the record just written.
     report = ClusterReport("c", CUTOFF, f"{CUTOFF}-9999-00000000", hosts=1)
-    assert ops.record_run(
+    assert runlog.record_run(
         run_log, report, "archive", finished=now - 3 * day, keep=4, max_age=2 * day
     )
     left = sorted(p.name for p in foreign.parent.iterdir())
@@ -263,7 +263,7 @@ def test_records_are_pruned_by_count_and_age(tmp_path: Path) -> None:
             "notes.txt",
         ]
     )
-    urls, last = ops.read_runs(run_log, "c")
+    urls, last = runlog.read_runs(run_log, "c")
     assert len(urls) == 2 and last is not None and last.run_id == ids[-1]
 
 

@@ -30,7 +30,7 @@ import s3fs
 from tests.fixtures_s3 import KEY_ID, SECRET, MotoServer, S3Bucket, S3Proxy
 from tests.helpers import Row, bin_file, bin_level, oracle_rows, snapshot, sort_key
 from tests.test_archive import CLUSTER, CUTOFF, build_tree
-from workers import runner, sink, storage
+from workers import output, runner, sink, storage
 from workers.cli import main
 from workers.config import Settings
 
@@ -401,7 +401,7 @@ def test_exclusive_commit_loses_to_an_object_created_meanwhile(
 ) -> None:
     """If-None-Match: * on completion (or on the single PUT): the racer's object stays."""
     small_parts(s3_bucket)
-    out = storage.create(f"{s3_bucket.url}/k")
+    out = output.create(f"{s3_bucket.url}/k")
     with out:
         out.write(b"x" * size)
         out.close()
@@ -413,7 +413,7 @@ def test_exclusive_commit_loses_to_an_object_created_meanwhile(
 
 def test_failure_while_writing_aborts_the_upload(s3_bucket: S3Bucket) -> None:
     small_parts(s3_bucket)
-    with pytest.raises(RuntimeError), storage.create(f"{s3_bucket.url}/k") as out:
+    with pytest.raises(RuntimeError), output.create(f"{s3_bucket.url}/k") as out:
         out.write(b"x" * 11 * MiB)  # two parts uploaded
         assert s3_bucket.pending_uploads() == ["k"]
         raise RuntimeError("the writer failed")
@@ -423,7 +423,7 @@ def test_failure_while_writing_aborts_the_upload(s3_bucket: S3Bucket) -> None:
 
 def test_nothing_visible_before_commit(s3_bucket: S3Bucket) -> None:
     small_parts(s3_bucket)
-    with storage.create(f"{s3_bucket.url}/k") as out:
+    with output.create(f"{s3_bucket.url}/k") as out:
         out.write(b"x" * 6 * MiB)
         out.close()
         assert s3_bucket.keys() == []
@@ -432,16 +432,16 @@ def test_nothing_visible_before_commit(s3_bucket: S3Bucket) -> None:
     assert s3_bucket.client.head_object(Bucket=s3_bucket.name, Key="k")["ContentLength"] == 6 * MiB
 
 
-@pytest.mark.parametrize("spool_memory", [storage.SPOOL_MEMORY_BYTES, 1024])
+@pytest.mark.parametrize("spool_memory", [output.SPOOL_MEMORY_BYTES, 1024])
 def test_footer_is_read_back_from_the_kept_tail_only(
     s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, spool_memory: int
 ) -> None:
     """Before completion only the tail is readable, and it is enough for the footer (held
     in memory, or spooled to a temporary file when larger than `spool_memory`)."""
-    monkeypatch.setattr(storage, "SPOOL_MEMORY_BYTES", spool_memory)
+    monkeypatch.setattr(output, "SPOOL_MEMORY_BYTES", spool_memory)
     small_parts(s3_bucket)
     table = pa.table({"v": np.random.default_rng(1).random(3_000_000)})  # ~23 MiB
-    with storage.create(f"{s3_bucket.url}/t.parquet") as out:
+    with output.create(f"{s3_bucket.url}/t.parquet") as out:
         writer = pq.ParquetWriter(out, table.schema)  # type: ignore[arg-type]
         writer.write_table(table, row_group_size=500_000)
         out.mark_tail()
@@ -458,7 +458,7 @@ def test_footer_is_read_back_from_the_kept_tail_only(
 
 def test_remove_tree_aborts_pending_uploads_below_the_prefix(s3_bucket: S3Bucket) -> None:
     small_parts(s3_bucket)
-    out = storage.create(f"{s3_bucket.url}/run/c/h.arrow", exclusive=False)
+    out = output.create(f"{s3_bucket.url}/run/c/h.arrow", exclusive=False)
     out.write(b"x" * 6 * MiB)  # a part stored; then the writer "dies" (never aborts)
     s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="run/c/other.arrow", Body=b"1")
     s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="keep", Body=b"1")
@@ -508,8 +508,8 @@ def test_upload_parts_grow_before_the_part_limit(
 ) -> None:
     """Part sizes double every S3_PARTS_PER_SIZE parts (here 2 instead of 1,000)."""
     small_parts(s3_bucket)
-    monkeypatch.setattr(storage, "S3_PARTS_PER_SIZE", 2)
-    with storage.create(f"{s3_bucket.url}/big") as out:
+    monkeypatch.setattr(output, "S3_PARTS_PER_SIZE", 2)
+    with output.create(f"{s3_bucket.url}/big") as out:
         for _ in range(40):
             out.write(b"x" * MiB)
         out.close()
@@ -528,7 +528,7 @@ def test_chunk_streams_back_from_s3_in_bounded_reads(
     s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A staged chunk is read with ranged GETs of at most a batch plus the read-ahead."""
-    from workers import staging
+    from workers import chunks
     from workers.rows import CHUNK_SCHEMA
 
     n = 3_000_000
@@ -545,7 +545,7 @@ def test_chunk_streams_back_from_s3_in_bounded_reads(
         schema=CHUNK_SCHEMA,
     )
     url = f"{s3_bucket.url}/staging/run/c/h.arrow"
-    size = staging.write_chunk(table, url)
+    size = chunks.write_chunk(table, url)
     assert size > 2 * storage.S3_READ_AHEAD_BYTES  # several read-aheads' worth
     fetched: list[int] = []
     real = s3fs.core.S3File._fetch_range
@@ -555,9 +555,9 @@ def test_chunk_streams_back_from_s3_in_bounded_reads(
         return real(self, start, end)
 
     monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", fetch_range)
-    batches = list(staging.read_chunk(url))
+    batches = list(chunks.read_chunk(url))
 
     assert pa.Table.from_batches(batches).equals(table)
-    assert len(batches) == -(-n // staging.BATCH_ROWS)
+    assert len(batches) == -(-n // chunks.BATCH_ROWS)
     assert max(fetched) <= storage.S3_READ_AHEAD_BYTES + 2 * MiB  # never the whole chunk
     assert sum(fetched) < 1.5 * size  # and each byte about once

@@ -37,7 +37,7 @@ class _Capture(logging.Handler):
 @pytest.fixture
 def captured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Capture]:
     """Worker settings (no Redis answering), the tasks module, and every log record."""
-    from workers import tasks
+    from workers.distributed import tasks
 
     for name in list(os.environ):
         if name.startswith("CCARCHIVE_"):
@@ -71,7 +71,7 @@ def fields(record: logging.LogRecord) -> tuple[str, str, str]:
 def test_the_cluster_summary_and_its_warnings_carry_the_run_and_cluster(
     captured: _Capture,
 ) -> None:
-    from workers import tasks
+    from workers.distributed import tasks
 
     report = ClusterReport("fritz", 200, RUN_ID, hosts=3)
     result = tasks.finish_cluster.apply(args=([], report.to_dict(), "archive", time.time()))
@@ -91,7 +91,7 @@ def test_the_cluster_summary_and_its_warnings_carry_the_run_and_cluster(
 def test_a_host_task_names_its_host_and_a_hostile_name_cannot_forge_a_line(
     captured: _Capture,
 ) -> None:
-    from workers import tasks
+    from workers.distributed import tasks
 
     result = tasks.load_host.apply(args=("fritz", "f01\n2026 forged", 200, RUN_ID))
     assert result.successful(), result.traceback

@@ -1,4 +1,4 @@
-"""Checkpoint files of the ClusterCockpit metric store: naming, JSON and binary readers.
+"""Checkpoint files of the ClusterCockpit metric store: the JSON and binary readers.
 
 A reader turns one file into a `FileBatch`: its series as columns (starts, frequencies,
 lengths, value offsets, and codes into small per-file tables of metric names and levels),
@@ -10,12 +10,12 @@ per metric) is the same content for tests and tools; the hot path never makes on
 from __future__ import annotations
 
 import functools
+import json
 import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,11 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .alloc import tune_allocator
+from .paths import INT64_MAX, BadCheckpoint
 
 MAGIC = 0xCC5B0001
 INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
-CHECKPOINT_SUFFIXES = (".json", ".bin")
 
 #: How deep levels may nest below the top level (node -> socket -> core -> hwthread is 3).
 #: A deeper file is bad: a nesting bomb must cost neither quadratic time nor memory.
@@ -45,14 +44,6 @@ _SCOPE_PREFIXES = (
     ("cpu", "hwthread"),
     ("accelerator", "accelerator"),
 )
-
-
-class BadCheckpoint(Exception):
-    """A checkpoint file that cannot be archived; `reason` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,31 +185,6 @@ def _scope_of(name: str) -> tuple[str, str]:
     return _cached_scope(name) if len(name) <= 40 else parse_scope(name)
 
 
-def checkpoint_timestamp(name: str) -> int | BadCheckpoint | None:
-    """Classify a file name: its timestamp, None when it is no checkpoint, or why it is bad."""
-    stem, dot, ext = name.rpartition(".")
-    if not dot or "." + ext not in CHECKPOINT_SUFFIXES:
-        return None
-    # isdigit() alone would accept non-ASCII digits such as "٣".
-    if not stem or not stem.isascii() or not stem.isdigit():
-        return BadCheckpoint(f"file name stem {stem!r} is not a Unix timestamp")
-    ts = int(stem)
-    if ts > INT64_MAX:
-        return BadCheckpoint(f"file name stem {stem!r} does not fit in int64")
-    return ts
-
-
-def read_checkpoint(path: Path) -> list[Series]:
-    """Read one checkpoint file (format chosen by its extension); raise BadCheckpoint."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BadCheckpoint(f"cannot read: {exc.strerror or exc}") from exc
-    if path.suffix == ".bin":
-        return parse_binary(data)
-    return parse_json(data)
-
-
 # --- JSON -----------------------------------------------------------------------------
 
 
@@ -247,8 +213,6 @@ def _loads(data: bytes) -> Any:
 
 def _loads_keeping_negative_zero(data: bytes) -> Any:
     """The document as the standard library reads it, with the integer `-0` as -0.0."""
-    import json
-
     try:
         return json.loads(data, parse_int=_parse_int_keep_negative_zero)
     except RecursionError:

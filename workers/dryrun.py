@@ -1,7 +1,7 @@
 """`ccarchive plan`: what the next run would take and keep, touching nothing.
 
 The same steps as a run, read-only: `steps.discover` and `steps.select_files` choose the
-files, `recovery.committed_archives` and `sourcefiles.change` find the files a committed
+files, `paths.archive_files` and `sourcefiles.change` find the files a committed
 archive already lists (a run's recovery deletes them if unchanged, keeps them if not, and
 never archives them again), and a non-blocking try of the cluster lock finds clusters
 another run holds. Nothing is written into the tree or the archive, no file is opened for
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import recovery, sink, sourcefiles, steps
+from . import paths, sink, sourcefiles, steps
 from .locks import DirectoryLock, LockBusy
 from .manifest import BadFile, SourceFile
 
@@ -56,7 +56,7 @@ def _committed(
 ) -> dict[str, dict[str, tuple[str, SourceFile]]]:
     """Per host, file name -> (archive URL, recorded identity) of committed archives."""
     listed: dict[str, dict[str, tuple[str, SourceFile]]] = {}
-    for url in recovery.committed_archives(archive, cluster, oldest):
+    for url in paths.archive_files(archive, cluster, oldest):
         for host, entry in sink.footer_sources(sink.read_footer(url)).items():
             for f in entry.get("files", []):
                 listed.setdefault(host, {})[f["name"]] = (url, SourceFile.from_dict(f))

@@ -545,6 +545,264 @@ def _significant_decimals(
     return np.where(top > 0, d, 0)
 
 
+@dataclass
+class _Draw:
+    """The random source and time axis of one host's series (drawn in a fixed order, so a
+    seed always gives the same tree)."""
+
+    rng: np.random.Generator
+    samples: int
+    frequency: int
+    tl: dict[str, np.ndarray]  # _timeline
+    knot: int  # samples between the knots of slow wiggles
+
+    @property
+    def seg(self) -> np.ndarray:
+        """Per sample, the index of its job or idle segment."""
+        return self.tl["seg"]
+
+    def white(self, rows: int) -> np.ndarray:
+        """Standard normal noise, rows x samples."""
+        return self.rng.standard_normal((rows, self.samples))
+
+    def smooth(self, rows: int) -> np.ndarray:
+        """Slow wiggles of about unit amplitude, rows x samples."""
+        return _smooth(self.rng, rows, self.samples, self.knot)
+
+
+def _hwthreads(
+    d: _Draw, nominal: float, clock_pinned: bool
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Hardware-thread series (HWTHREADS x samples); also activity, flops and DP flops."""
+    T, S, tl, seg = HWTHREADS, d.samples, d.tl, d.seg
+    act = tl["active"].T[:, seg]  # bool (T, S)
+    a = act.astype(np.float64)
+    imb = (1.0 + 0.06 * d.rng.standard_normal((T, len(tl["busy"]))))[:, seg]
+    idle_jitter = np.abs(d.white(T))
+    fdp = a * tl["dp"][seg] * imb * (1.0 + 0.1 * d.smooth(T)) + 0.02 * idle_jitter
+    fsp = a * tl["sp"][seg] * imb * (1.0 + 0.1 * d.smooth(T))
+    fany = fdp + 0.5 * fsp  # DP-equivalent flops
+    ipc = np.where(act, tl["ipc"][seg] * imb * (1.0 + 0.05 * d.smooth(T)), 0.7 + 0.15 * d.white(T))
+    np.clip(ipc, 0.1, 5.0, out=ipc)
+    if clock_pinned:
+        clock = np.full((T, S), nominal)
+    else:
+        frac = tl["nthr"][seg] / T
+        turbo = nominal + 900.0 - 500.0 * frac
+        clock = np.where(act, turbo - 40.0 * idle_jitter, 1200.0 + 150.0 * d.white(T))
+    hw = {
+        "cpu_load": a + 0.03 * d.white(T),
+        "cpu_user": np.where(
+            act, np.minimum(96.0 + 4.5 * d.rng.random((T, S)), 100.0), 0.2 * idle_jitter
+        ),
+        "cpu_system": np.where(act, 0.3 + 1.2 * d.rng.random((T, S)), 0.1 * idle_jitter),
+        "flops_any": fany,
+        "flops_dp": fdp,
+        "flops_sp": fsp,
+        "ipc": ipc,
+        "cpi": 1.0 / ipc,
+        "clock": clock,
+        "vectorization_ratio": np.where(
+            act, np.minimum(tl["vec"][seg] + 1.5 * d.white(T), 100.0), 0.0
+        ),
+        "instructions": clock * ipc * np.where(act, 1.0, 0.03),
+    }
+    return hw, a, fany, fdp
+
+
+def _by_socket(x: np.ndarray, op: Callable[..., np.ndarray] = np.sum) -> np.ndarray:
+    """Per socket, op over its cores (x is CORES x samples; socket s holds cores s*18..)."""
+    return op(x.reshape(SOCKETS, CORES_PER_SOCKET, x.shape[-1]), axis=1)
+
+
+def _cores_and_sockets(
+    d: _Draw, a: np.ndarray, fany: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """Core series (CORES x samples), socket series (SOCKETS x samples), and per socket
+    the fraction of its cores busy."""
+    core_act = np.maximum(a[:CORES], a[CORES:])
+    core_flops = fany[:CORES] + fany[CORES:]
+    core_power = 1.5 + 4.0 * core_act + 0.25 * core_flops + 0.3 * d.white(CORES)
+    np.clip(core_power, 0.5, None, out=core_power)
+    core_temp = (
+        32.0 + 4.5 * _moving_avg(core_power, max(1, 300 // d.frequency)) + 0.4 * d.white(CORES)
+    )
+    l2 = core_act * d.tl["membw"][d.seg] / CORES_PER_SOCKET
+    cores = {
+        "core_power": core_power,
+        "core_temp": core_temp,
+        "l2_bw": 3.0 * l2 * (1.0 + 0.1 * d.smooth(CORES)),
+        "l3_bw": 1.8 * l2 * (1.0 + 0.1 * d.smooth(CORES)),
+    }
+    sock_frac = _by_socket(core_act) / CORES_PER_SOCKET
+    sock_membw = sock_frac * d.tl["membw"][d.seg] * (1.0 + 0.05 * d.smooth(SOCKETS))
+    sock_membw += 0.4 + 0.1 * np.abs(d.white(SOCKETS))
+    sockets = {
+        "mem_bw": sock_membw,
+        "cpu_power": 35.0 + _by_socket(core_power) + 2.0 * d.white(SOCKETS),
+        "dram_power": 6.0 + 0.12 * sock_membw + 0.3 * d.white(SOCKETS),
+        "flops_any": _by_socket(core_flops),
+        "cpu_temp": _by_socket(core_temp, np.max),
+    }
+    return cores, sockets, sock_frac
+
+
+def _node(
+    d: _Draw,
+    mem_total: float,
+    a: np.ndarray,
+    hw: dict[str, np.ndarray],
+    sockets: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Node-level series (1 x samples each), a table by metric name."""
+    rng, S, tl, seg = d.rng, d.samples, d.tl, d.seg
+    busy = tl["busy"][seg]
+    runnable = a.sum(axis=0)[None, :]
+    w1 = max(1, round(60 / d.frequency))
+    load_one = _moving_avg(runnable + 0.3 * np.abs(d.white(1)), w1)
+    walk = np.cumsum(0.002 * mem_total * d.white(1), axis=1)
+    mem_used = 3.5 + tl["mem_frac"][seg] * mem_total * (1.0 + 0.03 * d.smooth(1))
+    mem_used = np.clip(mem_used + np.where(busy, walk, 0.0), 1.0, 0.97 * mem_total)
+    mem_cached = np.clip(
+        0.05 * mem_total + np.cumsum(0.001 * mem_total * d.white(1), axis=1),
+        0.5,
+        np.maximum(0.9 * mem_total - mem_used, 0.5),
+    )
+    io_read = (rng.random((1, S)) < tl["io_rate"][seg]) * tl["io_size"][seg] * rng.random((1, S))
+    io_write = (rng.random((1, S)) < tl["io_rate"][seg]) * tl["io_size"][seg] * rng.random((1, S))
+    ib_rx = tl["ib"][seg] * (1.0 + 0.2 * d.smooth(1)) + 50.0 * np.abs(d.white(1))
+    ib_tx = ib_rx * (0.95 + 0.1 * rng.random((1, S)))
+    net_in = tl["net"][seg] * np.exp(0.5 * d.white(1)) + 2000.0
+    net_out = tl["net"][seg] * np.exp(0.5 * d.white(1)) + 1500.0
+    opens = np.where(busy, 5.0, 0.2) * rng.poisson(1.0, (1, S)) + (io_read + io_write > 0) * 50.0
+    rare = rng.random((2, S)) < 0.01
+    return {
+        "cpu_load": load_one,
+        "load_one": load_one,
+        "load_five": _moving_avg(runnable, 5 * w1),
+        "load_fifteen": _moving_avg(runnable, 15 * w1),
+        "cpu_user": hw["cpu_user"].mean(axis=0, keepdims=True),
+        "cpu_iowait": 0.05 * np.abs(d.white(1)) + ((io_read + io_write) > 0) * 4.0,
+        "mem_total": np.full((1, S), mem_total),
+        "mem_used": mem_used,
+        "mem_cached": mem_cached,
+        "mem_available": mem_total - mem_used - 0.3 * mem_cached,
+        "swap_free": np.zeros((1, S)),
+        # Local scratch fills up in steps when a job writes to it.
+        "disk_free": 400.0 - np.cumsum((rng.random((1, S)) < 0.003) * 5.0, axis=1),
+        "mem_bw": sockets["mem_bw"].sum(axis=0, keepdims=True),
+        "flops_any": sockets["flops_any"].sum(axis=0, keepdims=True),
+        "flops_dp": hw["flops_dp"].sum(axis=0, keepdims=True),
+        "cpu_power": sockets["cpu_power"].sum(axis=0, keepdims=True),
+        "net_bytes_in": net_in,
+        "net_bytes_out": net_out,
+        "net_pkts_in": net_in / 900.0,
+        "net_pkts_out": net_out / 700.0,
+        "ib_recv": ib_rx,
+        "ib_xmit": ib_tx,
+        "ib_recv_pkts": ib_rx / 4096.0,
+        "ib_xmit_pkts": ib_tx / 4096.0,
+        "lustre_read_bw": io_read,
+        "lustre_write_bw": io_write,
+        "lustre_read_requests": io_read / 1048576.0,
+        "lustre_write_requests": io_write / 1048576.0,
+        "lustre_open": opens,
+        "lustre_close": opens,
+        "nfs4_read": rare[:1] * 12.0,
+        "nfs4_write": rare[1:] * 4.0,
+    }
+
+
+def _memory_domains(
+    d: _Draw, sockets: dict[str, np.ndarray], mem_used: np.ndarray, sock_frac: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Memory-domain series: one domain per socket (sub-NUMA clustering off)."""
+    md_share = 0.5 + 0.1 * d.rng.uniform(-1.0, 1.0, (len(d.tl["busy"]),))[d.seg]
+    return {
+        "mem_bw": sockets["mem_bw"] * (1.0 + 0.01 * d.white(SOCKETS)),
+        "mem_used": mem_used * np.stack([md_share, 1.0 - md_share]),
+        "numa_misses": sock_frac * d.tl["numa"][d.seg] * (1.0 + 0.2 * d.smooth(SOCKETS)),
+    }
+
+
+def _accelerators(d: _Draw, gpus: int) -> dict[str, np.ndarray]:
+    """Accelerator series (gpus x samples); none without GPUs."""
+    if not gpus:
+        return {}
+    tl, seg = d.tl, d.seg
+    g_act = (np.arange(gpus)[:, None] < tl["gpus_used"][seg][None, :]).astype(np.float64)
+    util = g_act * tl["gpu_util"][seg] * (1.0 + 0.05 * d.smooth(gpus))
+    util += g_act * 3.0 * d.white(gpus)
+    np.clip(util, 0.0, 100.0, out=util)
+    return {
+        "acc_utilization": util,
+        "acc_mem_used": 40960.0 * (0.01 + g_act * tl["gpu_mem"][seg]),
+        "acc_mem_util": 0.6 * util,
+        "acc_power": 55.0 + 3.0 * util + 2.0 * d.white(gpus),
+        "acc_temp": 30.0 + 0.4 * _moving_avg(util, max(1, 300 // d.frequency)),
+        "acc_sm_clock": np.where(g_act > 0, 1410.0, 210.0),
+    }
+
+
+@dataclass
+class _Finisher:
+    """Rounds a group's series, punches its gaps and makes `Metric`s of its rows."""
+
+    d: _Draw
+    start: int
+    missing: _Missing
+    digits: tuple[int, int] | None
+
+    def rows(
+        self, groups: dict[str, np.ndarray], names: tuple[str, ...]
+    ) -> dict[str, list[Metric]]:
+        """Per metric name, one `Metric` per row of its matrix."""
+        out: dict[str, list[Metric]] = {}
+        frequency = self.d.frequency
+        for name in names:
+            m = np.array(groups[name], dtype=np.float64)
+            if self.digits is None:
+                dec: list[int | None] = [None] * len(m)
+                _finish(m)
+            else:
+                np.maximum(m, 0.0, out=m)
+                sig = _significant_decimals(self.d.rng, m, self.digits)
+                _finish(m, sig)
+                dec = np.maximum(sig, 0).tolist()  # 1234000 prints with no fraction
+            drops = self.missing.apply(m)
+            out[name] = [
+                Metric(frequency, self.start + k * frequency, m[r, k:], dec[r])
+                for r, k in enumerate(drops)
+            ]
+        return out
+
+
+def _tree(f: _Finisher, groups: dict[str, dict[str, np.ndarray]], gpus: int) -> Level:
+    """The node's level tree: sockets with their cores, memory domains, threads, GPUs."""
+    node_m = np.concatenate([groups["node"][n] for n in NODE_METRICS])
+    node_rows = f.rows({n: node_m[i : i + 1] for i, n in enumerate(NODE_METRICS)}, NODE_METRICS)
+    sock_rows = f.rows(groups["sockets"], SOCKET_METRICS)
+    md_rows = f.rows(groups["mds"], MEMORY_DOMAIN_METRICS)
+    core_rows = f.rows(groups["cores"], CORE_METRICS)
+    hw_rows = f.rows(groups["hw"], HWTHREAD_METRICS)
+    acc_rows = f.rows(groups["accs"], ACCELERATOR_METRICS) if gpus else {}
+    root = Level(metrics={n: node_rows[n][0] for n in NODE_METRICS})
+    for s in range(SOCKETS):
+        sock = Level(metrics={n: sock_rows[n][s] for n in SOCKET_METRICS})
+        for c in range(s * CORES_PER_SOCKET, (s + 1) * CORES_PER_SOCKET):
+            sock.children[f"core{c}"] = Level(metrics={n: core_rows[n][c] for n in CORE_METRICS})
+        root.children[f"socket{s}"] = sock
+    for dom in range(SOCKETS):
+        root.children[f"memoryDomain{dom}"] = Level(
+            metrics={n: md_rows[n][dom] for n in MEMORY_DOMAIN_METRICS}
+        )
+    for t in range(HWTHREADS):
+        root.children[f"hwthread{t}"] = Level(metrics={n: hw_rows[n][t] for n in HWTHREAD_METRICS})
+    for g, name in enumerate(_gpu_names(gpus)):
+        root.children[name] = Level(metrics={n: acc_rows[n][g] for n in ACCELERATOR_METRICS})
+    return root
+
+
 def host_level(
     rng: np.random.Generator,
     start: int,
@@ -568,215 +826,24 @@ def host_level(
         raise ValueError("gpus must be >= 0")
     if not 0.0 <= nan_fraction < 1.0:
         raise ValueError("nan_fraction must be in [0, 1)")
-    S = samples
-    T = HWTHREADS
-    tl = _timeline(rng, S, frequency, gpus)
-    seg = tl["seg"]
-    knot = max(2, 600 // frequency)  # wiggles on a ~10 minute scale
-
-    def white(rows: int) -> np.ndarray:
-        return rng.standard_normal((rows, S))
-
+    tl = _timeline(rng, samples, frequency, gpus)
+    d = _Draw(rng, samples, frequency, tl, knot=max(2, 600 // frequency))  # ~10 minute wiggles
     # Host traits: memory size, pinned clock (turbo off) or dynamic frequency scaling.
     mem_total = float(rng.choice([96.0, 192.0, 256.0, 512.0, 1024.0])) * 0.98
     nominal = float(rng.choice([2000.0, 2200.0, 2400.0, 2600.0]))
     clock_pinned = rng.random() < 0.3
-
-    # --- hardware threads (T x S) ---------------------------------------------------------
-    act = tl["active"].T[:, seg]  # bool (T, S)
-    a = act.astype(np.float64)
-    imb = (1.0 + 0.06 * rng.standard_normal((T, len(tl["busy"]))))[:, seg]
-    idle_jitter = np.abs(white(T))
-    fdp = a * tl["dp"][seg] * imb * (1.0 + 0.1 * _smooth(rng, T, S, knot)) + 0.02 * idle_jitter
-    fsp = a * tl["sp"][seg] * imb * (1.0 + 0.1 * _smooth(rng, T, S, knot))
-    fany = fdp + 0.5 * fsp  # DP-equivalent flops
-    ipc = np.where(
-        act,
-        tl["ipc"][seg] * imb * (1.0 + 0.05 * _smooth(rng, T, S, knot)),
-        0.7 + 0.15 * white(T),
-    )
-    np.clip(ipc, 0.1, 5.0, out=ipc)
-    if clock_pinned:
-        clock = np.full((T, S), nominal)
-    else:
-        frac = tl["nthr"][seg] / T
-        turbo = nominal + 900.0 - 500.0 * frac
-        clock = np.where(act, turbo - 40.0 * idle_jitter, 1200.0 + 150.0 * white(T))
-    hw = {
-        "cpu_load": a + 0.03 * white(T),
-        "cpu_user": np.where(
-            act, np.minimum(96.0 + 4.5 * rng.random((T, S)), 100.0), 0.2 * idle_jitter
-        ),
-        "cpu_system": np.where(act, 0.3 + 1.2 * rng.random((T, S)), 0.1 * idle_jitter),
-        "flops_any": fany,
-        "flops_dp": fdp,
-        "flops_sp": fsp,
-        "ipc": ipc,
-        "cpi": 1.0 / ipc,
-        "clock": clock,
-        "vectorization_ratio": np.where(
-            act, np.minimum(tl["vec"][seg] + 1.5 * white(T), 100.0), 0.0
-        ),
-        "instructions": clock * ipc * np.where(act, 1.0, 0.03),
+    hw, a, fany, _fdp = _hwthreads(d, nominal, clock_pinned)
+    cores, sockets, sock_frac = _cores_and_sockets(d, a, fany)
+    node = _node(d, mem_total, a, hw, sockets)
+    groups = {
+        "hw": hw,
+        "cores": cores,
+        "sockets": sockets,
+        "node": node,
+        "mds": _memory_domains(d, sockets, node["mem_used"], sock_frac),
+        "accs": _accelerators(d, gpus),
     }
-
-    # --- cores (CORES x S) ----------------------------------------------------------------
-    core_act = np.maximum(a[:CORES], a[CORES:])
-    core_flops = fany[:CORES] + fany[CORES:]
-    core_power = 1.5 + 4.0 * core_act + 0.25 * core_flops + 0.3 * white(CORES)
-    np.clip(core_power, 0.5, None, out=core_power)
-    core_temp = 32.0 + 4.5 * _moving_avg(core_power, max(1, 300 // frequency)) + 0.4 * white(CORES)
-    l2 = core_act * tl["membw"][seg] / CORES_PER_SOCKET
-    cores = {
-        "core_power": core_power,
-        "core_temp": core_temp,
-        "l2_bw": 3.0 * l2 * (1.0 + 0.1 * _smooth(rng, CORES, S, knot)),
-        "l3_bw": 1.8 * l2 * (1.0 + 0.1 * _smooth(rng, CORES, S, knot)),
-    }
-
-    # --- sockets and memory domains (SOCKETS x S) ----------------------------------------
-    def by_socket(x: np.ndarray, op: Callable[..., np.ndarray] = np.sum) -> np.ndarray:
-        # x is per core (CORES x S); socket s holds cores s*18 .. s*18+17.
-        return op(x.reshape(SOCKETS, CORES_PER_SOCKET, S), axis=1)
-
-    sock_frac = by_socket(core_act) / CORES_PER_SOCKET
-    sock_membw = sock_frac * tl["membw"][seg] * (1.0 + 0.05 * _smooth(rng, SOCKETS, S, knot))
-    sock_membw += 0.4 + 0.1 * np.abs(white(SOCKETS))
-    sockets = {
-        "mem_bw": sock_membw,
-        "cpu_power": 35.0 + by_socket(core_power) + 2.0 * white(SOCKETS),
-        "dram_power": 6.0 + 0.12 * sock_membw + 0.3 * white(SOCKETS),
-        "flops_any": by_socket(core_flops),
-        "cpu_temp": by_socket(core_temp, np.max),
-    }
-
-    # --- node (1 x S rows) ----------------------------------------------------------------
-    busy = tl["busy"][seg]
-    runnable = a.sum(axis=0)[None, :]
-    w1 = max(1, round(60 / frequency))
-    load_one = _moving_avg(runnable + 0.3 * np.abs(white(1)), w1)
-    walk = np.cumsum(0.002 * mem_total * white(1), axis=1)
-    mem_used = 3.5 + tl["mem_frac"][seg] * mem_total * (1.0 + 0.03 * _smooth(rng, 1, S, knot))
-    mem_used = np.clip(mem_used + np.where(busy, walk, 0.0), 1.0, 0.97 * mem_total)
-    mem_cached = np.clip(
-        0.05 * mem_total + np.cumsum(0.001 * mem_total * white(1), axis=1),
-        0.5,
-        np.maximum(0.9 * mem_total - mem_used, 0.5),
-    )
-    io_read = (rng.random((1, S)) < tl["io_rate"][seg]) * tl["io_size"][seg] * rng.random((1, S))
-    io_write = (rng.random((1, S)) < tl["io_rate"][seg]) * tl["io_size"][seg] * rng.random((1, S))
-    ib_rx = tl["ib"][seg] * (1.0 + 0.2 * _smooth(rng, 1, S, knot)) + 50.0 * np.abs(white(1))
-    ib_tx = ib_rx * (0.95 + 0.1 * rng.random((1, S)))
-    net_in = tl["net"][seg] * np.exp(0.5 * white(1)) + 2000.0
-    net_out = tl["net"][seg] * np.exp(0.5 * white(1)) + 1500.0
-    opens = np.where(busy, 5.0, 0.2) * rng.poisson(1.0, (1, S)) + (io_read + io_write > 0) * 50.0
-    rare = rng.random((2, S)) < 0.01
-    sock_power = sockets["cpu_power"].sum(axis=0, keepdims=True)
-    node = {
-        "cpu_load": load_one,
-        "load_one": load_one,
-        "load_five": _moving_avg(runnable, 5 * w1),
-        "load_fifteen": _moving_avg(runnable, 15 * w1),
-        "cpu_user": hw["cpu_user"].mean(axis=0, keepdims=True),
-        "cpu_iowait": 0.05 * np.abs(white(1)) + ((io_read + io_write) > 0) * 4.0,
-        "mem_total": np.full((1, S), mem_total),
-        "mem_used": mem_used,
-        "mem_cached": mem_cached,
-        "mem_available": mem_total - mem_used - 0.3 * mem_cached,
-        "swap_free": np.zeros((1, S)),
-        # Local scratch fills up in steps when a job writes to it.
-        "disk_free": 400.0 - np.cumsum((rng.random((1, S)) < 0.003) * 5.0, axis=1),
-        "mem_bw": sock_membw.sum(axis=0, keepdims=True),
-        "flops_any": sockets["flops_any"].sum(axis=0, keepdims=True),
-        "flops_dp": fdp.sum(axis=0, keepdims=True),
-        "cpu_power": sock_power,
-        "net_bytes_in": net_in,
-        "net_bytes_out": net_out,
-        "net_pkts_in": net_in / 900.0,
-        "net_pkts_out": net_out / 700.0,
-        "ib_recv": ib_rx,
-        "ib_xmit": ib_tx,
-        "ib_recv_pkts": ib_rx / 4096.0,
-        "ib_xmit_pkts": ib_tx / 4096.0,
-        "lustre_read_bw": io_read,
-        "lustre_write_bw": io_write,
-        "lustre_read_requests": io_read / 1048576.0,
-        "lustre_write_requests": io_write / 1048576.0,
-        "lustre_open": opens,
-        "lustre_close": opens,
-        "nfs4_read": rare[:1] * 12.0,
-        "nfs4_write": rare[1:] * 4.0,
-    }
-    node_m = np.concatenate([node[n] for n in NODE_METRICS])
-
-    # Memory domains: one per socket (sub-NUMA clustering off).
-    md_share = 0.5 + 0.1 * rng.uniform(-1.0, 1.0, (len(tl["busy"]),))[seg]
-    mds = {
-        "mem_bw": sock_membw * (1.0 + 0.01 * white(SOCKETS)),
-        "mem_used": mem_used * np.stack([md_share, 1.0 - md_share]),
-        "numa_misses": sock_frac * tl["numa"][seg] * (1.0 + 0.2 * _smooth(rng, SOCKETS, S, knot)),
-    }
-
-    # --- accelerators (gpus x S) ----------------------------------------------------------
-    accs: dict[str, np.ndarray] = {}
-    if gpus:
-        g_act = (np.arange(gpus)[:, None] < tl["gpus_used"][seg][None, :]).astype(np.float64)
-        util = g_act * tl["gpu_util"][seg] * (1.0 + 0.05 * _smooth(rng, gpus, S, knot))
-        util += g_act * 3.0 * white(gpus)
-        np.clip(util, 0.0, 100.0, out=util)
-        accs = {
-            "acc_utilization": util,
-            "acc_mem_used": 40960.0 * (0.01 + g_act * tl["gpu_mem"][seg]),
-            "acc_mem_util": 0.6 * util,
-            "acc_power": 55.0 + 3.0 * util + 2.0 * white(gpus),
-            "acc_temp": 30.0 + 0.4 * _moving_avg(util, max(1, 300 // frequency)),
-            "acc_sm_clock": np.where(g_act > 0, 1410.0, 210.0),
-        }
-
-    # --- rounding, gaps, tree -------------------------------------------------------------
-    missing = _Missing(rng, S, nan_fraction)
-
-    def rows(groups: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, list[Metric]]:
-        out: dict[str, list[Metric]] = {}
-        for name in names:
-            m = np.array(groups[name], dtype=np.float64)
-            if digits is None:
-                dec: list[int | None] = [None] * len(m)
-                _finish(m)
-            else:
-                np.maximum(m, 0.0, out=m)
-                d = _significant_decimals(rng, m, digits)
-                _finish(m, d)
-                dec = np.maximum(d, 0).tolist()  # 1234000 prints with no fraction
-            drops = missing.apply(m)
-            out[name] = [
-                Metric(frequency, start + k * frequency, m[r, k:], dec[r])
-                for r, k in enumerate(drops)
-            ]
-        return out
-
-    node_rows = rows({n: node_m[i : i + 1] for i, n in enumerate(NODE_METRICS)}, NODE_METRICS)
-    sock_rows = rows(sockets, SOCKET_METRICS)
-    md_rows = rows(mds, MEMORY_DOMAIN_METRICS)
-    core_rows = rows(cores, CORE_METRICS)
-    hw_rows = rows(hw, HWTHREAD_METRICS)
-    acc_rows = rows(accs, ACCELERATOR_METRICS) if gpus else {}
-
-    root = Level(metrics={n: node_rows[n][0] for n in NODE_METRICS})
-    for s in range(SOCKETS):
-        sock = Level(metrics={n: sock_rows[n][s] for n in SOCKET_METRICS})
-        for c in range(s * CORES_PER_SOCKET, (s + 1) * CORES_PER_SOCKET):
-            sock.children[f"core{c}"] = Level(metrics={n: core_rows[n][c] for n in CORE_METRICS})
-        root.children[f"socket{s}"] = sock
-    for d in range(SOCKETS):
-        root.children[f"memoryDomain{d}"] = Level(
-            metrics={n: md_rows[n][d] for n in MEMORY_DOMAIN_METRICS}
-        )
-    for t in range(T):
-        root.children[f"hwthread{t}"] = Level(metrics={n: hw_rows[n][t] for n in HWTHREAD_METRICS})
-    for g, name in enumerate(_gpu_names(gpus)):
-        root.children[name] = Level(metrics={n: acc_rows[n][g] for n in ACCELERATOR_METRICS})
-    return root
+    return _tree(_Finisher(d, start, _Missing(rng, samples, nan_fraction), digits), groups, gpus)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,3 +140,36 @@ class ClusterReport:
         data = dict(data)
         data["bad"] = [BadFile(**b) for b in data.get("bad", [])]
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class ParquetOptions:
+    """Knobs of the Parquet writer; defaults chosen by measurement (bench/README.md)."""
+
+    row_group_rows: int = 1_048_576
+    zstd_level: int = 3
+    data_page_bytes: int = 1 << 20
+    #: Rows per data page: the page index's granularity. 64 Ki rows is about one metric of
+    #: a host's hardware threads; pyarrow's smaller default costs bytes and writer CPU for
+    #: finer page skipping than queries need.
+    page_rows: int = 65_536
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ParquetOptions:
+        """The options a `workers.config.Settings` asks for."""
+        return cls(
+            row_group_rows=settings.row_group_rows,
+            zstd_level=settings.zstd_level,
+            page_rows=settings.page_rows,
+        )
+
+
+@dataclass(frozen=True)
+class ArchiveInfo:
+    """A published archive file."""
+
+    url: str
+    rows: int
+    bytes: int
+    row_groups: int
+    already_existed: bool = False

@@ -32,71 +32,24 @@ process, platform or GC series (node_exporter has its own) and no histogram.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from prometheus_client import (
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    start_http_server,
-    write_to_textfile,
-)
+from typing import TYPE_CHECKING, Any
 
 from .manifest import ClusterReport
-from .ops import run_outcome as outcome
+from .runlog import run_outcome as outcome
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 
-ROWS_ARCHIVED = Counter(
-    "ccarchive_rows_archived", "Rows written into newly published archives", ["cluster"]
-)
-FILES_ARCHIVED = Counter(
-    "ccarchive_files_archived", "Checkpoint files whose rows were archived", ["cluster"]
-)
-FILES_DELETED = Counter(
-    "ccarchive_files_deleted",
-    "Checkpoint files deleted (after archiving, in delete mode, or by recovery)",
-    ["cluster"],
-)
-BYTES_WRITTEN = Counter(
-    "ccarchive_bytes_written", "Bytes of newly published archive files", ["cluster"]
-)
-BAD_FILES = Counter(
-    "ccarchive_bad_files",
-    "Inputs reported and kept: bad checkpoint files, unreadable hosts, changed files",
-    ["cluster"],
-)
-RUNS = Counter("ccarchive_runs", "Runs of a cluster, by outcome", ["cluster", "outcome"])
-RUN_DURATION = Histogram(
-    "ccarchive_run_duration_seconds",
-    "Wall-clock seconds of a cluster's run",
-    ["cluster"],
-    # Runs take seconds (small clusters) to hours (thousands of nodes).
-    buckets=(1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400),
-)
-# In multiprocess mode several processes report a gauge: the newest timestamp is the answer.
-LAST_RUN = Gauge(
-    "ccarchive_last_run_timestamp_seconds",
-    "Unix time a cluster's last run ended",
-    ["cluster"],
-    multiprocess_mode="max",
-)
-LAST_SUCCESS = Gauge(
-    "ccarchive_last_success_timestamp_seconds",
-    "Unix time a cluster's last run ended without errors (kept bad files do not count)",
-    ["cluster"],
-    multiprocess_mode="max",
-)
-
-#: Outcomes of a cluster's run (ops.run_outcome, plus `interrupted` from the runner).
+#: Outcomes of a cluster's run (runlog.run_outcome, plus `interrupted` from the runner).
 OUTCOMES = ("ok", "reported", "error", "interrupted")
 #: Outcomes that count as a success: kept bad input is reported, not a failure.
 SUCCESSES = ("ok", "reported")
@@ -108,17 +61,84 @@ _LAST = {  # name -> help: per cluster, about its last run
     "ccarchive_last_run_bytes_written": "Bytes of archives published by a cluster's last run",
     "ccarchive_last_run_duration_seconds": "Wall-clock seconds of a cluster's last run",
 }
-# "mostrecent": in multiprocess mode the value of the process that set it last.
-LAST_GAUGES = {
-    name: Gauge(name, text, ["cluster"], multiprocess_mode="mostrecent")
-    for name, text in _LAST.items()
-}
-LAST_OUTCOME = Gauge(
-    "ccarchive_last_run_outcome",
-    "1 for the outcome of a cluster's last run, 0 for the other outcomes",
-    ["cluster", "outcome"],
-    multiprocess_mode="mostrecent",
-)
+
+
+@dataclass(frozen=True)
+class _Families:
+    """This process's metric families, in prometheus_client's default registry."""
+
+    counters: dict[str, Counter]  # sample name (`..._total`) -> counter, labelled cluster
+    runs: Counter
+    run_duration: Histogram
+    last_run: Gauge
+    last_success: Gauge
+    last: dict[str, Gauge]
+    last_outcome: Gauge
+
+
+@functools.cache
+def _families() -> _Families:
+    """The metric families, made (and registered) on first use: a run that counts nothing
+    and serves nothing never loads prometheus_client."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    counters = {
+        "ccarchive_rows_archived_total": Counter(
+            "ccarchive_rows_archived", "Rows written into newly published archives", ["cluster"]
+        ),
+        "ccarchive_bytes_written_total": Counter(
+            "ccarchive_bytes_written", "Bytes of newly published archive files", ["cluster"]
+        ),
+        "ccarchive_files_archived_total": Counter(
+            "ccarchive_files_archived", "Checkpoint files whose rows were archived", ["cluster"]
+        ),
+        "ccarchive_files_deleted_total": Counter(
+            "ccarchive_files_deleted",
+            "Checkpoint files deleted (after archiving, in delete mode, or by recovery)",
+            ["cluster"],
+        ),
+        "ccarchive_bad_files_total": Counter(
+            "ccarchive_bad_files",
+            "Inputs reported and kept: bad checkpoint files, unreadable hosts, changed files",
+            ["cluster"],
+        ),
+    }
+    return _Families(
+        counters=counters,
+        runs=Counter("ccarchive_runs", "Runs of a cluster, by outcome", ["cluster", "outcome"]),
+        run_duration=Histogram(
+            "ccarchive_run_duration_seconds",
+            "Wall-clock seconds of a cluster's run",
+            ["cluster"],
+            # Runs take seconds (small clusters) to hours (thousands of nodes).
+            buckets=(1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400),
+        ),
+        # In multiprocess mode several processes report a gauge: the newest time is the answer.
+        last_run=Gauge(
+            "ccarchive_last_run_timestamp_seconds",
+            "Unix time a cluster's last run ended",
+            ["cluster"],
+            multiprocess_mode="max",
+        ),
+        last_success=Gauge(
+            "ccarchive_last_success_timestamp_seconds",
+            "Unix time a cluster's last run ended without errors (kept bad files do not count)",
+            ["cluster"],
+            multiprocess_mode="max",
+        ),
+        # "mostrecent": in multiprocess mode the value of the process that set it last.
+        last={
+            name: Gauge(name, text, ["cluster"], multiprocess_mode="mostrecent")
+            for name, text in _LAST.items()
+        },
+        last_outcome=Gauge(
+            "ccarchive_last_run_outcome",
+            "1 for the outcome of a cluster's last run, 0 for the other outcomes",
+            ["cluster", "outcome"],
+            multiprocess_mode="mostrecent",
+        ),
+    )
+
 
 _lock = threading.Lock()
 _server: tuple[Any, threading.Thread, str, int] | None = None
@@ -153,25 +173,20 @@ def observe_cluster(
         "ccarchive_last_run_duration_seconds": report.seconds,
         "ccarchive_last_run_timestamp_seconds": ended,
     }
-    for counter, name in (
-        (ROWS_ARCHIVED, "ccarchive_rows_archived_total"),
-        (BYTES_WRITTEN, "ccarchive_bytes_written_total"),
-        (FILES_ARCHIVED, "ccarchive_files_archived_total"),
-        (FILES_DELETED, "ccarchive_files_deleted_total"),
-        (BAD_FILES, "ccarchive_bad_files_total"),
-    ):
+    f = _families()
+    for name, counter in f.counters.items():
         counter.labels(cluster).inc(counts[name])
-    RUNS.labels(cluster, result).inc()
-    RUN_DURATION.labels(cluster).observe(report.seconds)
-    LAST_RUN.labels(cluster).set(ended)
-    for name, gauge in LAST_GAUGES.items():
+    f.runs.labels(cluster, result).inc()
+    f.run_duration.labels(cluster).observe(report.seconds)
+    f.last_run.labels(cluster).set(ended)
+    for name, gauge in f.last.items():
         gauge.labels(cluster).set(last[name])
     for o in OUTCOMES:
-        LAST_OUTCOME.labels(cluster, o).set(1 if o == result else 0)
+        f.last_outcome.labels(cluster, o).set(1 if o == result else 0)
     if result in SUCCESSES:
         # A permanently bad file is reported on every run; it must not make an alert on
         # "no successful run" fire while everything else is archived.
-        LAST_SUCCESS.labels(cluster).set(ended)
+        f.last_success.labels(cluster).set(ended)
         last["ccarchive_last_success_timestamp_seconds"] = ended
     if _textfile:
         with _lock:
@@ -300,6 +315,8 @@ class _SeriesCollector:
 
 def _write_textfile() -> None:
     """Merge what this process observed into the textfile (see the module's doc)."""
+    from prometheus_client import CollectorRegistry, write_to_textfile  # see _families
+
     if not _textfile:
         return
     with _lock:
@@ -325,6 +342,8 @@ def _write_textfile() -> None:
 
 def _registry() -> CollectorRegistry:
     """The default registry, or an aggregating one in prometheus multiprocess mode."""
+    from prometheus_client import REGISTRY, CollectorRegistry  # see _families
+
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return REGISTRY
     from prometheus_client import multiprocess
@@ -361,6 +380,9 @@ def serve(port: int, addr: str = "0.0.0.0") -> Endpoint | None:
             if (_server[2], _server[3]) != (addr, port):
                 log.warning("metrics already served on %s:%s", _server[2], _server[3])
             return Endpoint(_server[2], _server[3])
+        from prometheus_client import start_http_server  # see _families
+
+        _families()  # served from the start, before the first run is counted
         server, thread = start_http_server(port, addr=addr, registry=_registry())
         _server = (server, thread, addr, port)
     log.info("serving Prometheus metrics on %s", Endpoint(addr, port).url)

@@ -1,7 +1,7 @@
 """The per-cluster pipeline, described once: its stages per mode and a cluster run's bookkeeping.
 
 Both drivers walk the same description: the embedded runner (`workers.runner`, a process
-pool) and the Celery tasks (`workers.tasks`, one chord per stage). Neither touches a
+pool) and the Celery tasks (`workers.distributed.tasks`, one chord per stage). Neither touches a
 report itself: every transition of a cluster's run goes through `ClusterRun`, which owns
 its `ClusterReport`:
 
@@ -38,9 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics, ops, recovery, sink, steps
-from .manifest import BadFile, ClusterReport, DeleteResult, HostManifest, SourceFile
-from .sink import ArchiveInfo
+from . import metrics, recovery, runlog, steps
+from .manifest import ArchiveInfo, BadFile, ClusterReport, DeleteResult, HostManifest, SourceFile
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +78,11 @@ def failed_load(cluster: str, host: str, cutoff: int, run_id: str, reason: str) 
 
 @dataclass
 class RunLog:
-    """Where and how long run records are kept (`ops.record_run`); None: no records."""
+    """Where and how long run records are kept (`runlog.record_run`); None: no records."""
 
     url: str | None = None
-    keep: int = ops.DEFAULT_KEEP_RECORDS
-    max_age: float = ops.DEFAULT_MAX_RECORD_AGE
+    keep: int = runlog.DEFAULT_KEEP_RECORDS
+    max_age: float = runlog.DEFAULT_MAX_RECORD_AGE
 
 
 @dataclass
@@ -224,7 +223,7 @@ class ClusterRun:
             release()
         report.seconds = max(0.0, time.time() - self.started)
         self.finished = True
-        ops.record_run(
+        runlog.record_run(
             run_log.url, report, self.mode, outcome=outcome, keep=run_log.keep,
             max_age=run_log.max_age,
         )  # fmt: skip
@@ -264,6 +263,8 @@ def _log_report(report: ClusterReport) -> None:
 def _archived_sources(url: str, run_id: str) -> dict[str, Any]:
     """A published archive's commit record, read once per run and process (an archive never
     changes under its final name; keyed by run too, so a later run reads it again)."""
+    from . import sink  # deferred: a run with nothing to delete never loads pyarrow
+
     return sink.footer_sources(sink.read_footer(url))
 
 

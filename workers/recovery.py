@@ -17,18 +17,24 @@ See docs/commit-protocol.md for the states of a run and why this is enough.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import sink, staging, storage
-from .checkpoint import checkpoint_timestamp
+from . import staging, storage
 from .manifest import BadFile, SourceFile
+from .paths import (
+    archive_files,
+    check_name,
+    host_dir,
+    is_partial,
+    name_of,
+    present_files,
+    run_url,
+)
 from .sourcefiles import delete_if_unchanged
-from .steps import check_name, host_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +46,10 @@ class Recovery:
     """What recovery did for one cluster, and which files loading must skip."""
 
     cluster: str
-    archives_read: int = 0
     deleted: list[str] = field(default_factory=list)  # paths of finished deletions
     kept: list[BadFile] = field(default_factory=list)
     exclude: dict[str, list[str]] = field(default_factory=dict)  # host -> file names
     orphans_removed: list[str] = field(default_factory=list)
-
-
-def _present_files(checkpoints: str, cluster: str, hosts: list[str]) -> dict[str, dict[str, int]]:
-    """Per host, checkpoint file name -> timestamp, for every timestamped file present."""
-    present: dict[str, dict[str, int]] = {}
-    for host in hosts:
-        try:
-            names = os.listdir(host_dir(checkpoints, cluster, host))
-        except OSError:
-            continue  # reported by the load step
-        files = {}
-        for name in names:
-            ts = checkpoint_timestamp(name)
-            if isinstance(ts, int) and ts != 0:
-                files[name] = ts
-        present[host] = files
-    return present
 
 
 def _entry_age(info: dict[str, Any], now: float) -> float:
@@ -70,21 +58,6 @@ def _entry_age(info: dict[str, Any], now: float) -> float:
     if isinstance(mtime, datetime):
         mtime = mtime.timestamp()
     return now - float(mtime) if mtime else 0.0
-
-
-def committed_archives(archive: str, cluster: str, min_cutoff: int) -> list[str]:
-    """URLs of the cluster's published archives with cutoff >= min_cutoff, oldest first."""
-    check_name(cluster, "cluster")
-    fs, path = storage.filesystem(storage.join(archive, cluster))
-    if not fs.exists(path):
-        return []
-    found: list[tuple[int, str]] = []
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        stem, _, ext = name.rpartition(".")
-        if ext == "parquet" and stem.isascii() and stem.isdigit() and int(stem) >= min_cutoff:
-            found.append((int(stem), storage.join(archive, cluster, name)))
-    return [url for _, url in sorted(found)]
 
 
 def recover_cluster(
@@ -99,18 +72,20 @@ def recover_cluster(
     result = Recovery(cluster)
     if archive is None:
         return result
-    present = _present_files(checkpoints, cluster, hosts)
+    present = present_files(checkpoints, cluster, hosts)
     oldest = min((ts for files in present.values() for ts in files.values()), default=None)
-    if oldest is not None:
-        # A file with timestamp ts can only be listed in archives with cutoff >= ts.
-        for url in committed_archives(archive, cluster, oldest):
-            result.archives_read += 1
-            sources = sink.footer_sources(sink.read_footer(url))
-            for host, entry in sources.items():
-                for f in entry.get("files", []):
-                    if f["name"] in present.get(host, {}):
-                        source = SourceFile.from_dict(f)
-                        _finish_deletion(checkpoints, cluster, host, source, url, result)
+    # A file with timestamp ts can only be listed in archives with cutoff >= ts.
+    for url in archive_files(archive, cluster, oldest) if oldest is not None else []:
+        # Deferred: pyarrow loads only when there is an archive's footer to read, so a run
+        # with nothing to do stays cheap.
+        from . import sink
+
+        sources = sink.footer_sources(sink.read_footer(url))
+        for host, entry in sources.items():
+            for f in entry.get("files", []):
+                if f["name"] in present.get(host, {}):
+                    source = SourceFile.from_dict(f)
+                    _finish_deletion(checkpoints, cluster, host, source, url, result)
     _sweep_partials(archive, cluster, grace_seconds, result)
     return result
 
@@ -149,12 +124,7 @@ def _sweep_partials(archive: str, cluster: str, grace_seconds: float, result: Re
     if not fs.exists(path):
         return
     for info in fs.ls(path, detail=True):
-        name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
-        if (
-            name.startswith(".")
-            and name.endswith(".partial")
-            and _entry_age(info, now) > grace_seconds
-        ):
+        if is_partial(name_of(str(info["name"]))) and _entry_age(info, now) > grace_seconds:
             fs.rm(info["name"])
             result.orphans_removed.append(str(info["name"]))
 
@@ -185,7 +155,7 @@ def sweep_staging(
         return removed
     local = storage.is_local(fs)
     for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        name = name_of(entry)
         if name == keep_run_id:
             continue
         if not staging.owned_run(staging_url, name):
@@ -197,7 +167,7 @@ def sweep_staging(
                 removed.append(entry)
             if dead is not None:
                 continue
-        run = staging.run_url(staging_url, name)
+        run = run_url(staging_url, name)
         entries = list(fs.find(entry, detail=True, withdirs=True).values())
         if local:
             entries.append(fs.info(entry))  # an empty, just-made run directory is young too

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import ops, pipeline, recovery, roots, staging, steps, storage
+from . import pipeline, recovery, roots, runlog, staging, steps, storage
 from .locks import DirectoryLock, LockBusy
-from .manifest import ClusterReport, DeleteResult, HostManifest
-from .sink import ArchiveInfo, ParquetOptions
+from .manifest import ArchiveInfo, ClusterReport, DeleteResult, HostManifest, ParquetOptions
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +56,9 @@ class RunOptions:
     chunk_compression: str | None = "lz4"
     clusters: list[str] | None = None  # restrict to these clusters
     grace_seconds: float = recovery.DEFAULT_GRACE_SECONDS  # age of orphans safe to remove
-    run_log: str | None = None  # where run records go (ops.record_run); None: none
-    run_log_keep: int = ops.DEFAULT_KEEP_RECORDS  # records kept per cluster ...
-    run_log_max_age: float = ops.DEFAULT_MAX_RECORD_AGE  # ... none older (seconds)
+    run_log: str | None = None  # where run records go (runlog.record_run); None: none
+    run_log_keep: int = runlog.DEFAULT_KEEP_RECORDS  # records kept per cluster ...
+    run_log_max_age: float = runlog.DEFAULT_MAX_RECORD_AGE  # ... none older (seconds)
 
 
 #: A unique, sortable id for one run (`staging.new_run_id`; its staging directory's name).
@@ -409,7 +408,7 @@ def run(options: RunOptions, progress: ProgressFn | None = None) -> list[Cluster
     notify = progress or (lambda _event, _cluster, _detail: None)
     run_id = new_run_id(options.cutoff)
     # An unwritable default (a service user whose home is /) is one warning, not one per cluster.
-    options = replace(options, run_log=ops.usable_run_log(options.run_log))
+    options = replace(options, run_log=runlog.usable_run_log(options.run_log))
     archiving = options.mode == "archive"
     if archiving:
         roots.check_roots(options.checkpoints, options.archive, options.staging)
@@ -555,5 +554,5 @@ def _prepare(plan: steps.ClusterPlan, run: pipeline.ClusterRun, options: RunOpti
         run.recovered(found)
     c.lock = lock
     # Replaced by the end record; left alone by a SIGKILL, so `status` shows `unfinished`.
-    ops.record_start(options.run_log, run.report, options.mode)
+    runlog.record_start(options.run_log, run.report, options.mode)
     return c

@@ -1,6 +1,6 @@
 """The Parquet sink: streams hosts' rows into one cluster archive, verifies it, publishes it.
 
-The file is streamed into a `storage.Output` (local: a temporary name; S3: a multipart
+The file is streamed into an `output.Output` (local: a temporary name; S3: a multipart
 upload), verified by re-reading its footer (row counts per host, metadata), and only then
 published under `<archive>/<cluster>/<T>.parquet` without ever replacing an existing
 file. The footer's key-value metadata is the commit record: it lists every archived
@@ -20,10 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__, storage
+from . import __version__, output, storage
 from .alloc import tune_allocator
 from .faults import crash_point
-from .manifest import HostManifest
+from .manifest import ArchiveInfo, HostManifest, ParquetOptions
+from .paths import archive_url as archive_url  # re-exported: `sink.archive_url` stays valid
 from .rows import ARCHIVE_SCHEMA, SORT_KEY
 
 META_PREFIX = "ccarchive."
@@ -51,38 +52,6 @@ class VerificationError(Exception):
 
 
 @dataclass(frozen=True)
-class ParquetOptions:
-    """Knobs of the Parquet writer; defaults chosen by measurement (bench/README.md)."""
-
-    row_group_rows: int = 1_048_576
-    zstd_level: int = 3
-    data_page_bytes: int = 1 << 20
-    #: Rows per data page, the page index's granularity: about one metric of a host's
-    #: hardware threads, as fine as queries skip (figures: bench/README.md).
-    page_rows: int = 65_536
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> ParquetOptions:
-        """The options a `workers.config.Settings` asks for."""
-        return cls(
-            row_group_rows=settings.row_group_rows,
-            zstd_level=settings.zstd_level,
-            page_rows=settings.page_rows,
-        )
-
-
-@dataclass(frozen=True)
-class ArchiveInfo:
-    """A published archive file."""
-
-    url: str
-    rows: int
-    bytes: int
-    row_groups: int
-    already_existed: bool = False
-
-
-@dataclass(frozen=True)
 class CommitRecord:
     """What an archive must hold: rows per host, and the footer metadata naming its sources."""
 
@@ -99,11 +68,6 @@ def commit_record(
         rows={m.host: m.rows for m in with_files},
         metadata=footer_metadata(cluster, cutoff, run_id, with_files),
     )
-
-
-def archive_url(archive: str, cluster: str, cutoff: int) -> str:
-    """Final location of a cluster's archive for cutoff T."""
-    return storage.join(archive, cluster, f"{cutoff}.parquet")
 
 
 def footer_metadata(
@@ -308,7 +272,7 @@ def write_archive(
     known only at the end. An existing archive is then looked at only if the name turns
     out to be taken when publishing.
 
-    The file is streamed into a `storage.Output` (local: temporary file; S3: multipart
+    The file is streamed into an `output.Output` (local: temporary file; S3: multipart
     upload), so it is never whole in memory and nothing is visible under `url` before
     `commit()`. Before the commit its footer is read back from the bytes actually written
     and verified; after the commit the published file is verified once more (for S3 that
@@ -325,7 +289,7 @@ def write_archive(
         commit_record_now: Callable[[], CommitRecord] = lambda: known  # noqa: E731
     else:
         commit_record_now = functools.cache(record)  # called for the footer, then kept
-    with storage.create(url, exclusive=True) as out:
+    with output.create(url, exclusive=True) as out:
         # write_parquet consumes the hosts in order and then writes only the page index and
         # the footer: from that mark on the output keeps the bytes for readback(), because
         # an S3 upload cannot be read before it is completed.

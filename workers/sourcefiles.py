@@ -22,8 +22,8 @@ from pathlib import Path
 
 import xxhash
 
-from .checkpoint import BadCheckpoint
 from .manifest import SourceFile
+from .paths import BadCheckpoint
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _BLOCK = 1 << 20

@@ -1,16 +1,11 @@
-"""Staging: one Arrow IPC file per host and run, shared by all workers through fsspec.
+"""Staging run directories: made and marked by a run, removed only when proven ours.
 
-Layout: `<staging>/<run_id>/<cluster>/<host>.arrow`. A chunk is written through
-`storage.create` (local: temporary name and rename; S3: a multipart upload completed only
-at the end), so a chunk that exists is complete; re-running a load overwrites it with the
-same rows. Writing and reading stream batch by batch: memory is bounded by a batch and the
-storage's buffer (one S3 part when writing, the read-ahead when reading), never a host.
-
-A run's directory belongs to the archiver only if it can prove it (SPEC §6.9): its name is
-a run id (`new_run_id`) and it holds a marker, `<run_id>/.ccarchive-staging`, written with
-that run id before any chunk. Sweeps remove nothing else. In the embedded runner's private
-temporary staging a run also holds a flock on `<run_id>/.ccarchive-lock` while it lives,
-so the next run can tell a dead run's directory (lock free) at once.
+Layout: `<staging>/<run_id>/<cluster>/<host>.arrow` (the chunks: `chunks`; the names:
+`paths`). A run's directory belongs to the archiver only if it can prove it (SPEC §6.9):
+its name is a run id (`paths.new_run_id`) and it holds a marker, `<run_id>/.ccarchive-staging`,
+written with that run id before any chunk. Sweeps remove nothing else. In the embedded
+runner's private temporary staging a run also holds a flock on `<run_id>/.ccarchive-lock`
+while it lives, so the next run can tell a dead run's directory (lock free) at once.
 """
 
 from __future__ import annotations
@@ -18,85 +13,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import shutil
 import stat
-import time
 import uuid
-from collections.abc import Iterator
 from contextlib import suppress
 
-import pyarrow as pa
-import pyarrow.ipc as ipc
-
 from . import storage
-from .rows import CHUNK_SCHEMA
-
-#: The marker file of a run directory; it holds the run id.
-MARKER = ".ccarchive-staging"
-#: The lock file a live run holds (flock) in the private temporary staging.
-LOCK = ".ccarchive-lock"
-#: `new_run_id`'s names: cutoff, UTC start time, 8 hex digits.
-RUN_ID_RE = re.compile(r"-?[0-9]{1,20}-[0-9]{8}T[0-9]{6}-[0-9a-f]{8}")
-
-
-def new_run_id(cutoff: int) -> str:
-    """A unique, sortable id for one run (and the name of its staging directory)."""
-    return f"{cutoff}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-
-
-def is_run_id(name: str) -> bool:
-    """True if `name` has the form of a run id."""
-    return RUN_ID_RE.fullmatch(name) is not None
-
-
-#: Rows per IPC record batch: the unit in which finalize streams a host back.
-BATCH_ROWS = 131_072
-
-
-def run_url(staging: str, run_id: str) -> str:
-    """Staging prefix of one run."""
-    return storage.join(staging, run_id)
-
-
-def cluster_url(staging: str, run_id: str, cluster: str) -> str:
-    """Staging prefix of one cluster in one run."""
-    return storage.join(staging, run_id, cluster)
-
-
-def chunk_url(staging: str, run_id: str, cluster: str, host: str) -> str:
-    """Staging location of one host's chunk."""
-    return storage.join(staging, run_id, cluster, f"{host}.arrow")
-
-
-def write_chunk(table: pa.Table, url: str, compression: str | None = "lz4") -> int:
-    """Write a host's rows as an Arrow IPC file; return its size in bytes."""
-    options = ipc.IpcWriteOptions(compression=compression)
-    # Not durable (no fsync): a chunk lost to a power cut fails finalize's row counts, and
-    # a re-run rewrites it; the archive is what must survive.
-    with storage.create(url, exclusive=False, durable=False) as out:
-        with ipc.new_file(out, CHUNK_SCHEMA, options=options) as writer:
-            writer.write_table(table, max_chunksize=BATCH_ROWS)
-        out.commit()
-    return out.size
-
-
-def read_chunk(url: str) -> Iterator[pa.RecordBatch]:
-    """Stream a chunk back batch by batch, never holding the whole host in memory."""
-    with storage.open_input(url) as source:
-        # The IPC file format: the footer gives each batch's offset, so every batch is one
-        # ranged read (S3: one GET plus read-ahead), not a download of the file.
-        reader = ipc.open_file(source)
-        for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
-
-
-# --- run directories: marked at creation, removed only when proven ours -------------------
-
-
-def marker_url(staging: str, run_id: str) -> str:
-    """Location of a run's marker."""
-    return storage.join(staging, run_id, MARKER)
+from .paths import LOCK, MARKER, chunk_url, cluster_url, is_run_id, new_run_id, run_url
 
 
 def mark_run(staging: str, run_id: str) -> None:
@@ -243,3 +166,19 @@ def remove_dead_private_run(root: str, name: str) -> bool | None:
         return True
     finally:
         os.close(fd)
+
+
+__all__ = [  # chunk_url, cluster_url, new_run_id: the names, re-exported for callers
+    "LOCK",
+    "MARKER",
+    "PrivateRun",
+    "chunk_url",
+    "cluster_url",
+    "is_run_id",
+    "mark_run",
+    "new_run_id",
+    "owned_run",
+    "remove_dead_private_run",
+    "remove_run",
+    "remove_run_if_empty",
+]

@@ -14,65 +14,40 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
-from . import sink, staging, storage
-from .checkpoint import (
-    BadCheckpoint,
-    FileBatch,
-    checkpoint_timestamp,
-    parse_binary_batch,
-    parse_json_batch,
-)
+from . import storage
 from .faults import crash_point
 from .logs import step_context
-from .manifest import BadFile, DeleteResult, HostManifest, SourceFile, shown_name
-from .rows import RowDigest, host_table, table_digest
+from .manifest import (
+    ArchiveInfo,
+    BadFile,
+    DeleteResult,
+    HostManifest,
+    ParquetOptions,
+    SourceFile,
+    shown_name,
+)
+from .paths import (
+    BadCheckpoint,
+    UnsafeName,
+    archive_url,
+    check_cutoff,
+    check_name,
+    checkpoint_timestamp,
+    chunk_url,
+    cluster_url,
+    host_dir,
+)
 from .sourcefiles import Listed, delete_if_unchanged, listed_identity, read_listed
+from .staging import remove_run_if_empty
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from .checkpoint import FileBatch
 
 log = logging.getLogger(__name__)
-
-
-class UnsafeName(ValueError):
-    """A cluster, host or file name that could reach outside the configured roots."""
-
-
-def check_name(name: str, what: str = "name") -> str:
-    """Return `name` if it is a single safe path component, else raise UnsafeName."""
-    if not isinstance(name, str) or name in ("", ".", ".."):
-        raise UnsafeName(f"invalid {what} {name!r}")
-    if "/" in name or "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise UnsafeName(f"invalid {what} {name!r}: path separator or control character")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError as exc:  # undecodable bytes from the directory listing
-        raise UnsafeName(f"invalid {what} {name!r}: not UTF-8") from exc
-    return name
-
-
-def check_cutoff(cutoff: object) -> int:
-    """Return `cutoff` if it is an integer with 0 < cutoff <= 2**63 - 1, else raise UnsafeName.
-
-    It becomes part of the archive's file name (`<T>.parquet`): a string from a forged
-    message such as "../../x" must never reach a path. It is an int64 wherever it is
-    stored or compared, and no checkpoint has a timestamp <= 0 (SPEC §2).
-    """
-    if isinstance(cutoff, bool) or not isinstance(cutoff, int):
-        raise UnsafeName(f"invalid cutoff {cutoff!r}: not an integer")
-    if not 0 < cutoff <= 2**63 - 1:
-        raise UnsafeName(f"invalid cutoff {cutoff}: must be > 0 and fit in int64")
-    return cutoff
-
-
-def host_dir(checkpoints: str | Path, cluster: str, host: str) -> Path:
-    """The directory of one host, refusing names that would leave the checkpoint root."""
-    root = Path(checkpoints)
-    path = root / check_name(cluster, "cluster") / check_name(host, "host")
-    # Symlinked directories are not followed during discovery; refuse them here as well.
-    if os.path.realpath(path) != os.path.join(os.path.realpath(root), cluster, host):
-        raise UnsafeName(f"{path} resolves outside {root}")
-    return path
 
 
 @dataclass
@@ -159,6 +134,10 @@ def select_files(directory: Path, cutoff: int, exclude: Collection[str] = ()) ->
 
 def _read(directory: Path, listed: Listed) -> tuple[FileBatch, SourceFile]:
     """Parse one listed file; return its series and its identity as read."""
+    # Deferred here and below: numpy and pyarrow load only once a host has a file to read,
+    # so a run with nothing to do stays cheap.
+    from .checkpoint import parse_binary_batch, parse_json_batch
+
     data, source = read_listed(directory, listed)
     batch = parse_binary_batch(data) if listed.name.endswith(".bin") else parse_json_batch(data)
     return batch, source
@@ -201,18 +180,30 @@ def load_host(
             continue
         manifest.files.append(replace(source, rows=batch.rows))
         batches.append(batch)
+    if batches:  # else no rows, no chunk, no digest (nothing goes into an archive)
+        _stage(batches, manifest, chunk_url(staging_url, run_id, cluster, host), chunk_compression)
+    else:
+        crash_point("load:read")
+    crash_point("load:staged")
+    manifest.seconds = time.perf_counter() - started
+    return manifest
+
+
+def _stage(
+    batches: list[FileBatch], manifest: HostManifest, url: str, compression: str | None
+) -> None:
+    """Sort the host's rows; record their count and digest; stage them at url if any."""
+    from . import chunks  # deferred: see _read
+    from .rows import host_table, table_digest
+
     table = host_table(batches)
-    del batches
+    batches.clear()  # the table holds the rows now: free the parsed files
     crash_point("load:read")
     manifest.rows = table.num_rows
     manifest.digest = table_digest(table)
     if table.num_rows:
-        url = staging.chunk_url(staging_url, run_id, cluster, host)
-        staging.write_chunk(table, url, chunk_compression)
+        chunks.write_chunk(table, url, compression)
         manifest.chunk = url
-    crash_point("load:staged")
-    manifest.seconds = time.perf_counter() - started
-    return manifest
 
 
 @step_context
@@ -222,9 +213,9 @@ def finalize_cluster(
     run_id: str,
     manifests: list[HostManifest],
     archive: str,
-    options: sink.ParquetOptions | None = None,
+    options: ParquetOptions | None = None,
     before_publish: Callable[[], None] | None = None,
-) -> sink.ArchiveInfo | None:
+) -> ArchiveInfo | None:
     """Stream the cluster's chunks in host order into its verified archive; None if no rows."""
     _check_finalize_names(cluster, cutoff, run_id)
     for m in manifests:
@@ -232,12 +223,14 @@ def finalize_cluster(
     ordered = sorted((m for m in manifests if m.files), key=lambda m: m.host)
     if not any(m.rows for m in ordered):
         return None
+    from . import sink  # deferred: see _read
+
     info = sink.write_archive(
-        sink.archive_url(archive, cluster, cutoff),
+        archive_url(archive, cluster, cutoff),
         cluster,
         _chunks(ordered),
         sink.commit_record(cluster, cutoff, run_id, ordered),
-        options or sink.ParquetOptions(),
+        options or ParquetOptions(),
         before_publish,
     )
     crash_point("finalize:committed")
@@ -251,8 +244,8 @@ def finalize_streaming(
     run_id: str,
     manifests: Iterable[HostManifest],
     archive: str,
-    options: sink.ParquetOptions | None = None,
-) -> sink.ArchiveInfo | None:
+    options: ParquetOptions | None = None,
+) -> ArchiveInfo | None:
     """Like `finalize_cluster`, but writing each host as soon as the iterable yields it.
 
     `manifests` yields in hostname order and may block while a host is still loading: the
@@ -260,7 +253,7 @@ def finalize_streaming(
     every host and takes the `finalize_cluster` path (same commit record: nothing to write).
     """
     _check_finalize_names(cluster, cutoff, run_id)
-    url = sink.archive_url(archive, cluster, cutoff)
+    url = archive_url(archive, cluster, cutoff)
     fs, path = storage.filesystem(url)
     arrived = iter(manifests)
     head: list[HostManifest] = []  # up to the first host with rows: nothing to write before
@@ -270,6 +263,8 @@ def finalize_streaming(
             break
     if not any(m.files and m.rows for m in head) or fs.exists(path):
         return finalize_cluster(cluster, cutoff, run_id, [*head, *arrived], archive, options)
+    from . import sink  # deferred: see _read
+
     seen: list[HostManifest] = []
 
     def in_order() -> Iterator[HostManifest]:
@@ -286,7 +281,7 @@ def finalize_streaming(
         cluster,
         _chunks(in_order()),
         lambda: sink.commit_record(cluster, cutoff, run_id, seen),
-        options or sink.ParquetOptions(),
+        options or ParquetOptions(),
     )
     crash_point("finalize:committed")
     return info
@@ -308,9 +303,12 @@ def _checked(m: HostManifest) -> Iterator[pa.RecordBatch]:
 
     Raised inside the write, before the footer: the archive is never published.
     """
+    from . import chunks, sink  # deferred: see _read
+    from .rows import RowDigest
+
     assert m.chunk is not None
     digest = RowDigest()
-    for batch in staging.read_chunk(m.chunk):
+    for batch in chunks.read_chunk(m.chunk):
         digest.update(batch)
         yield batch
     if digest.hexdigest() != m.digest:
@@ -376,10 +374,10 @@ def cleanup_staging(staging_url: str, run_id: str, cluster: str, whole_run: bool
     # Both names come from task messages: "..", say, would make this remove a whole root.
     check_name(run_id, "run id")
     check_name(cluster, "cluster")
-    storage.remove_tree(staging.cluster_url(staging_url, run_id, cluster))
+    storage.remove_tree(cluster_url(staging_url, run_id, cluster))
     if whole_run:
         with suppress(OSError):  # the prefix is already gone, or swept later (it is marked)
-            staging.remove_run_if_empty(staging_url, run_id)
+            remove_run_if_empty(staging_url, run_id)
 
 
 __all__ = [

@@ -21,7 +21,7 @@ from . import signals
 from .backend import RedisResults
 
 #: The module of the tasks, imported by every worker (`include`).
-TASKS_MODULE = "workers.tasks"
+TASKS_MODULE = "workers.distributed.tasks"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         # Without this a task whose worker *process* died would be acked as failed; with it
         # the message is requeued. Poison messages are bounded by the attempt counter in
-        # workers.tasks, not by Celery.
+        # workers.distributed.tasks, not by Celery.
         "task_reject_on_worker_lost": True,
         # A worker reserves one task per process at a time: tasks last seconds to minutes,
         # so prefetching more would pin hosts to a busy worker while others sit idle, and

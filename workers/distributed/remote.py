@@ -407,16 +407,10 @@ def cmd_archive(args: argparse.Namespace, settings: Settings) -> int:
     """`ccarchive archive` on the Celery cluster: same summary and exit codes as embedded."""
     from rich.console import Console
 
-    from ..cli import (
-        EXIT_OK,
-        EXIT_REPORTED,
-        EXIT_USAGE,
-        UsageError,
-        _cutoff,
-        _print_summary,
-        _ProgressDisplay,
-        missing_clusters,
-    )
+    from ..display import ProgressDisplay as _ProgressDisplay
+    from ..display import print_summary as _print_summary
+    from ..usage import EXIT_OK, EXIT_REPORTED, EXIT_USAGE, UsageError, missing_clusters
+    from ..usage import run_cutoff as _cutoff
 
     if args.staging is not None or args.workers is not None:
         raise UsageError(
