@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins: list[str] = ["tests.fixtures_redis", "tests.fixtures_s3"]
+from tests.helpers import drop_settings_env
+
+pytest_plugins: list[str] = [
+    "tests.fixtures_redis",
+    "tests.distributed_harness",
+    "tests.fixtures_s3",
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,3 +55,12 @@ def _private_state_dir(
     """Run records and other local state go to a temporary $XDG_STATE_HOME, not ~/.local."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)  # systemd's wins over XDG's
+
+
+@pytest.fixture
+def clean_settings(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """This process without any CCARCHIVE_*/FLOWER_* setting from outside (restored after
+    the test); the monkeypatch, for the settings the test sets itself."""
+    drop_settings_env(monkeypatch)
+    return monkeypatch
+
