@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 TESTING := $(VENV)/.installed-test
 
-.PHONY: setup setup-test demo test lint bench clean redis promtool
+.PHONY: setup setup-test demo test test-fast lint bench clean redis promtool
 
 setup: $(RUNTIME)
 
@@ -45,6 +45,13 @@ test: setup-test redis promtool
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy workers beat
 	$(BIN)/python -m pytest tests
+
+# The tests that need no Redis, Celery or S3 server and take less than about 5 s each
+# (markers in pyproject.toml): under a minute, for the edit-test loop. No lint.
+FAST := not distributed and not s3 and not slow
+
+test-fast: setup-test
+	$(BIN)/python -m pytest tests -q -m "$(FAST)"
 
 lint: setup-test
 	$(BIN)/ruff check --fix .

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins: list[str] = ["tests.fixtures_redis", "tests.fixtures_s3"]
+from tests.helpers import drop_settings_env
+
+pytest_plugins: list[str] = [
+    "tests.fixtures_redis",
+    "tests.distributed_harness",
+    "tests.fixtures_s3",
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,3 +55,38 @@ def _private_state_dir(
     """Run records and other local state go to a temporary $XDG_STATE_HOME, not ~/.local."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)  # systemd's wins over XDG's
+
+
+@pytest.fixture
+def clean_settings(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """This process without any CCARCHIVE_*/FLOWER_* setting from outside (restored after
+    the test); the monkeypatch, for the settings the test sets itself."""
+    drop_settings_env(monkeypatch)
+    return monkeypatch
+
+
+#: Fixtures that start real infrastructure, and the marker a test using one must carry.
+NEEDS_MARKER = {
+    "redis_server": "distributed",
+    "processes": "distributed",
+    "celery_cluster": "distributed",
+    "deployment": "distributed",
+    "s3_deployment": "distributed",
+    "moto_server": "s3",
+    "s3_bucket": "s3",
+    "s3_proxy": "s3",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test that starts Redis, Celery or moto without the marker `make test-fast`
+    deselects it by: it would make the fast run slow or need servers."""
+    missing = []
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        fixtures = getattr(item, "fixturenames", ())
+        wanted = {NEEDS_MARKER[f] for f in fixtures if f in NEEDS_MARKER} - marks
+        if wanted:
+            missing.append(f"{item.nodeid}: not marked {', '.join(sorted(wanted))}")
+    if missing:
+        raise pytest.UsageError("\n".join(["tests without their marker:", *missing]))

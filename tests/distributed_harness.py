@@ -15,8 +15,9 @@ tests/helpers:
 - nothing under a final name that is not complete: every visible object in the archive
   opens as Parquet and its rows per host equal its footer's commit record.
 
-Shared by tests/test_faults_distributed.py (assertions) and tests/stress_distributed.py
-(randomized trials, counted).
+Shared by tests/test_celery_pipeline.py (one module-wide deployment with routed queues),
+tests/test_faults_distributed.py (assertions) and tests/stress_distributed.py (randomized
+trials, counted). Registered in tests/conftest.py for its session `redis_server` fixture.
 """
 
 from __future__ import annotations
@@ -26,41 +27,38 @@ import io
 import ipaddress
 import json
 import os
-import random
 import shutil
 import signal
-import struct
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from tests.fixtures_redis import (
     CCARCHIVE,
     CELERY,
     Proc,
     Processes,
-    clean_env,
-    free_port,
+    wait_for_workers,
     wait_until,
     worker_argv,
 )
-from tests.helpers import Row, archive_rows, oracle_rows, snapshot
+from tests.helpers import Row, archive_rows, clean_env, free_port, snapshot
 from workers import storage
 from workers.distributed import names
 from workers.generate import Level, Metric, write_checkpoint
 from workers.paths import checkpoint_timestamp
 from workers.sink import META_PREFIX, footer_sources
 
-#: The cutoff of every first run; files at or after NEVER are never selected.
+#: The cutoff of every first run (helpers.NEVER: a timestamp no run selects).
 CUTOFF = 2_000_000
-NEVER = 4_000_000_000  # in 2096: not even a beat run (now - 1h) selects it
 
 
 # --- TLS material ---------------------------------------------------------------------------
@@ -222,6 +220,21 @@ class RedisInstance:
         self.start()
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisInstance]:
+    """A real redis-server on a free loopback port, no persistence; stopped at the end."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (`make redis` installs Debian's)")
+    workdir = tmp_path_factory.mktemp("redis")
+    procs = Processes(workdir)
+    try:
+        server = RedisInstance(workdir, procs)
+        server.start()
+        yield server
+    finally:
+        procs.stop_all()
+
+
 def kill_proc(procs: Processes, proc: Proc) -> None:
     """SIGKILL one process we started (by its pid) and reap it."""
     if proc.alive():
@@ -282,16 +295,36 @@ class Deployment:
         if self.tls_files is not None:
             self.env["CCARCHIVE_REDIS_CA_CERT"] = str(self.tls_files.ca)
         self.workers: dict[str, Proc] = {}
+        self.flower: Proc | None = None
         self._app: Any = None
+
+    @property
+    def archive_dir(self) -> Path:
+        """The archive root as a local path (for a deployment that archives locally)."""
+        return Path(self.archive)
+
+    @property
+    def staging_dir(self) -> Path:
+        """The staging root as a local path (for a deployment that stages locally)."""
+        return Path(self.staging)
 
     # workers ----------------------------------------------------------------------------
 
     def start_worker(
-        self, name: str, pool: str = "prefork", concurrency: int = 1, queues: Sequence[str] = ()
+        self,
+        name: str,
+        pool: str = "prefork",
+        concurrency: int = 1,
+        queues: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> Proc:
-        """Start `celery -A workers worker` named `name` (not waited for: see wait_workers)."""
-        argv = worker_argv(name, list(queues) or ["celery"], concurrency, pool)
-        proc = self.procs.start(f"{name}-{len(self.procs.procs)}", argv, self.env)
+        """Start `celery -A workers worker` named `name` (not waited for: see wait_workers);
+        `prefix` goes before its argv (e.g. `drop_dac_prefix()`), `env` over the settings."""
+        argv = [*prefix, *worker_argv(name, list(queues) or ["celery"], concurrency, pool)]
+        proc = self.procs.start(
+            f"{name}-{len(self.procs.procs)}", argv, {**self.env, **(env or {})}
+        )
         self.workers[name] = proc
         return proc
 
@@ -303,8 +336,6 @@ class Deployment:
 
     def wait_workers(self, names: Sequence[str], timeout: float = 40) -> None:
         """Wait until the named workers answer a ping (fail if one exited)."""
-        from tests.fixtures_redis import wait_for_workers
-
         wait_for_workers(self.app(), names, [self.workers[n] for n in names], timeout)
 
     def kill_worker(self, name: str) -> None:
@@ -452,6 +483,7 @@ class Deployment:
             {**self.env, "FLOWER_BASIC_AUTH": ":".join(auth)},
         )
         base = f"http://127.0.0.1:{port}"
+        self.flower = flower
 
         def up() -> bool:
             if not flower.alive():
@@ -513,41 +545,6 @@ class Deployment:
 # --- input ----------------------------------------------------------------------------------
 
 
-def random_tree(
-    root: Path,
-    rng: random.Random,
-    clusters: int = 3,
-    max_values: int = 60,
-    untouchable: bool = True,
-) -> None:
-    """A random tree: 1..clusters clusters, 1-4 hosts, 1-3 selected files (JSON or binary,
-    up to `max_values` values a series, some without any value), plus, if `untouchable`,
-    files no run may touch: a future checkpoint, a WAL, a temporary file, a checkpoint with
-    timestamp 0."""
-    nrng = np.random.default_rng(rng.randrange(2**32))
-    for c in range(rng.randint(1, clusters)):
-        for h in range(rng.randint(1, 4)):
-            d = root / f"c{c}" / f"h{h}"
-            for k in range(rng.randint(1, 3)):
-                start = 1_000_000 + k * 3000 + rng.choice([0, 0, 1500])  # sometimes overlapping
-                n = rng.randint(0, max_values)
-                values = np.round(nrng.random(n) * 100, 1)
-                values[nrng.random(n) < 0.2] = np.nan
-                lv = Level(
-                    {"m": Metric(60, start, values)},
-                    {"cpu3": Level({"x": Metric(10, start, values[::-1])})},
-                )
-                fmt = rng.choice(["json", "bin"])
-                write_checkpoint(d / f"{start}.{fmt}", lv, start, start + 3000, fmt=fmt)
-            if not untouchable:
-                continue
-            lv = Level({"m": Metric(60, NEVER, np.arange(5.0))})
-            write_checkpoint(d / f"{NEVER}.json", lv, NEVER, NEVER + 300)
-            (d / "current.wal").write_bytes(b"\x00wal")
-            (d / "1000000.bin.tmp").write_bytes(b"interrupted")
-            (d / "0.json").write_text("{}")
-
-
 def big_tree(root: Path, values: int = 1_600_000) -> None:
     """One cluster whose first host holds `values` random float32 values in one binary
     file (> 5 MiB of Parquet: an S3 upload part is stored before its row group ends), and
@@ -557,21 +554,6 @@ def big_tree(root: Path, values: int = 1_600_000) -> None:
         v = rng.uniform(0, 1000, n).astype(np.float32)
         lv = Level({"m": Metric(60, 1_000_000, v)})
         write_checkpoint(root / "big" / host / "1000000.bin", lv, 1_000_000, 1_003_000, "bin")
-
-
-def expected_rows(root: Path) -> dict[str, list[Row] | None]:
-    """Every checkpoint file (path relative to root) with its rows, per the oracle; None
-    for a file the oracle cannot read (bad input: it must stay where it is)."""
-    out: dict[str, list[Row] | None] = {}
-    for p in sorted(root.rglob("*")):
-        ts = checkpoint_timestamp(p.name)
-        if p.is_file() and isinstance(ts, int) and ts:
-            try:
-                rows = oracle_rows(p.parent.parent.name, p.parent.name, p)
-            except (ValueError, struct.error, KeyError, TypeError):
-                rows = None
-            out[str(p.relative_to(root))] = rows
-    return out
 
 
 # --- the invariant --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Real infrastructure for the distributed tests: a redis-server and Celery subprocesses.
+"""Process primitives for the distributed tests: subprocesses, Celery worker command lines.
 
 Everything listens on 127.0.0.1 only, and every process a fixture starts is stopped by
 that fixture, by its pid (SIGTERM, then SIGKILL of its process group after a timeout).
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,9 @@ import pytest
 import redis.exceptions as redis_errors
 from kombu.exceptions import OperationalError
 
-REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CELERY = str(VENV_BIN / "celery")
 CCARCHIVE = str(VENV_BIN / "ccarchive")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -46,13 +37,6 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without any CCARCHIVE_*/FLOWER_* setting, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCARCHIVE_", "FLOWER_"))}
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -129,70 +113,6 @@ class Processes:
                 os.kill(proc.pid, signal.SIGTERM)
         for proc in reversed(list(self.procs)):
             self.stop(proc, timeout)
-
-
-@dataclass(frozen=True)
-class RedisServer:
-    """A running test redis-server."""
-
-    port: int
-    pid: int
-
-    def url(self, db: int = 0) -> str:
-        """Its redis:// URL for database `db`."""
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def client(self, db: int = 0) -> Any:
-        """A redis-py client for database `db`."""
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, db=db)
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A real redis-server on a free loopback port, no persistence; stopped at the end."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (`make redis` installs Debian's)")
-    workdir = tmp_path_factory.mktemp("redis")
-    procs = Processes(workdir)
-    port = free_port()
-    proc = procs.start(
-        "redis",
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--daemonize",
-            "no",
-        ],
-        env=clean_env(),
-        cwd=workdir,
-    )
-    server = RedisServer(port, proc.pid)
-    try:
-
-        def up() -> bool:
-            if not proc.alive():
-                pytest.fail(f"redis-server exited:\n{proc.output()}")
-            try:
-                return bool(server.client().ping())
-            except Exception:
-                return False
-
-        wait_until(up, 10, "redis-server to answer PING")
-        yield server
-    finally:
-        procs.stop_all()
 
 
 def make_test_app(broker_url: str) -> Any:

@@ -28,16 +28,10 @@ from typing import Any
 import boto3
 import pytest
 
+from tests.helpers import drop_settings_env, free_port
 from workers import storage
 
 KEY_ID, SECRET = "testing-key", "testing-secret"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -145,8 +139,9 @@ def s3_bucket(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Itera
     The AWS variables and files of whoever runs the tests are masked, so nothing reaches a
     real account; settings come through CCARCHIVE_S3_* as a deployment would set them.
     """
+    drop_settings_env(monkeypatch)
     for name in list(os.environ):
-        if name.startswith(("AWS_", "CCARCHIVE_")):
+        if name.startswith("AWS_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)

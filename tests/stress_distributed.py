@@ -45,11 +45,9 @@ from tests.distributed_harness import (
     Damage,
     Deployment,
     big_tree,
-    expected_rows,
     measure,
-    random_tree,
 )
-from tests.helpers import snapshot
+from tests.helpers import random_tree, rows_per_file, snapshot
 from workers import storage
 from workers.faults import POINTS
 
@@ -299,7 +297,7 @@ def run_trial(fault: str, seed: int, work: Path, moto: Any = None) -> TrialResul
         if s3 is not None and rng.random() < 0.5:
             big_tree(d.checkpoints)
             notes.append("big")
-        expected, before = expected_rows(d.checkpoints), snapshot(d.checkpoints)
+        expected, before = rows_per_file(d.checkpoints), snapshot(d.checkpoints)
         if fault.startswith("kill:"):
             trial = _kill(fault.split(":", 1)[1])
         elif fault.startswith("redis-restart"):

@@ -16,8 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.distributed_harness import random_tree
-from tests.helpers import Row, archive_rows, oracle_rows, snapshot
+from tests.helpers import Row, archive_rows, random_tree, rows_per_file, snapshot
 from workers.faults import POINTS
 from workers.sink import footer_sources, read_footer
 
@@ -64,11 +63,7 @@ def run_trial(point: str, seed: int, work: Path) -> TrialResult:
     rng = random.Random(seed)
     cp, archive = work / "cp", work / "archive"
     random_tree(cp, rng, max_values=80, untouchable=False)
-    expected = {
-        str(p.relative_to(cp)): oracle_rows(p.parent.parent.name, p.parent.name, p)
-        for p in sorted(cp.rglob("*"))
-        if p.is_file() and p.suffix in (".json", ".bin")
-    }
+    expected = rows_per_file(cp)
     before = snapshot(cp)
     fault = work / "fault"
     fault.write_text(point)

@@ -27,8 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.distributed_harness import random_tree
-from tests.helpers import Row, archive_argv, archive_rows, oracle_rows, snapshot
+from tests.helpers import (
+    Row,
+    archive_argv,
+    archive_rows,
+    clean_env,
+    oracle_rows,
+    random_tree,
+    snapshot,
+)
 from workers.generate import Level, Metric, write_checkpoint
 
 KINDS = ("rewrite", "truncate", "append", "rename-over", "symlink", "fifo", "delete", "new")
@@ -167,7 +174,7 @@ def _rows_of(cluster: str, host: str, name: str, data: bytes) -> list[Row] | Non
 def _run(
     cp: Path, archive: Path, cutoff: int, workers: int, staging: Path
 ) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
+    env = clean_env()
     argv = [*archive_argv(cp, archive, cutoff, workers), "--staging", str(staging)]
     return subprocess.Popen(
         [sys.executable, "-m", "workers.cli", *argv],

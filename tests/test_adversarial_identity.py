@@ -10,35 +10,25 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from tests.helpers import archive_argv, archive_rows, oracle_rows, snapshot
+from tests import helpers
+from tests.helpers import archive_argv, archive_rows, clean_env, oracle_rows, run_cli, snapshot
 from tests.stress_mutations import run_trial
 from workers import runner, sink, sourcefiles, steps
 from workers.checkpoint import BadCheckpoint
-from workers.generate import Level, Metric, write_checkpoint
 
 CUTOFF = 100_000_000
 
 
 def write_host(root: Path, cluster: str, host: str, seed: int, fmt: str = "bin") -> Path:
     """One checkpoint of 40 values per series; every seed gives other values, same size."""
-    rng = np.random.default_rng(seed)
-    data = np.round(rng.random(40) * 100, 1)
-    lv = Level(
-        {"load": Metric(60, 1_000_000, data)},
-        {"socket0": Level({"power": Metric(60, 1_000_000, data + 1)})},
-    )
-    path = root / cluster / host / f"1000000.{fmt}"
-    write_checkpoint(path, lv, 1_000_000, 1_002_400, fmt=fmt)
+    [path] = helpers.write_host(root, cluster, host, seed, formats=(fmt,), values=40, sockets=1)
     return path
 
 
@@ -94,6 +84,7 @@ def test_a_file_rewritten_after_loading_is_kept(tmp_path: Path, how: str) -> Non
     assert sorted(r for r in rows if r[1] == "h0") == sorted(original)
 
 
+@pytest.mark.slow
 def test_recovery_keeps_a_file_rewritten_after_its_archive_was_committed(tmp_path: Path) -> None:
     """A run dies right after publishing; the file is then rewritten with the same size and
     mtime: recovery must not delete it as archived (its bytes are not)."""
@@ -102,14 +93,8 @@ def test_recovery_keeps_a_file_rewritten_after_its_archive_was_committed(tmp_pat
     other = write_host(cp, "c", "h1", 2)
     fault = tmp_path / "fault"
     fault.write_text("finalize:committed")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    env["CCARCHIVE_FAULT_FILE"] = str(fault)
-    crashed = subprocess.run(
-        [sys.executable, "-m", "workers.cli", *archive_argv(cp, archive, CUTOFF, 1)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    crashed = run_cli(
+        archive_argv(cp, archive, CUTOFF, 1), clean_env(CCARCHIVE_FAULT_FILE=str(fault))
     )
     assert crashed.returncode == -9 and not fault.exists(), crashed.stderr
     published = (archive / "c" / f"{CUTOFF}.parquet").read_bytes()
@@ -286,6 +271,7 @@ def test_delete_mode_keeps_a_file_replaced_after_listing(
     assert keep.exists()
 
 
+@pytest.mark.slow
 def test_random_mutations_lose_nothing(mutation_trial: tuple[str, int], tmp_path: Path) -> None:
     """One seeded trial per mutation kind (tests/stress_mutations.py; --stress N for N)."""
     kind, seed = mutation_trial

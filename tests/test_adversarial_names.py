@@ -28,10 +28,12 @@ import pytest
 
 from tests.fixtures_s3 import S3Bucket
 from tests.helpers import (
+    ROOT,
     Row,
     archive_argv,
     bin_file,
     bin_level,
+    clean_env,
     level,
     metric,
     oracle_rows,
@@ -42,7 +44,6 @@ from tests.helpers import (
 from workers import output, storage
 from workers.manifest import ClusterReport
 
-ROOT = Path(__file__).resolve().parent.parent
 CUTOFF = 2_000_000
 START = 1_000_000
 SAMPLES = 5  # values per host: the same for every host
@@ -94,11 +95,9 @@ CLUSTERS = {
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> Any:
     """Run `python -m workers.cli` from this worktree in a child process."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    base["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", *args],
-        env={**base, **(env or {})},
+        env=clean_env(**(env or {})),
         capture_output=True,
         timeout=timeout,
         cwd=ROOT,
@@ -177,6 +176,7 @@ def check_checkpoints(
 # --- local archive and staging ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_special_names_keep_their_own_rows_local(tmp_path: Path, workers: int) -> None:
     cp, archive, stage = tmp_path / "cp", tmp_path / "arc", tmp_path / "stage"
@@ -200,6 +200,7 @@ def test_special_names_keep_their_own_rows_local(tmp_path: Path, workers: int) -
     assert {f for f in files_under(stage) if f.endswith((".arrow", ".partial"))} == set()
 
 
+@pytest.mark.slow
 def test_file_url_root_with_special_names(tmp_path: Path) -> None:
     """A `file://` root is accepted; the names below it are still never parsed."""
     clusters = {"cl": FEW, "cl::x": FEW}
@@ -256,6 +257,7 @@ S3_CLUSTERS = {
 }
 
 
+@pytest.mark.s3
 def test_special_names_keep_their_own_rows_s3(tmp_path: Path, s3_bucket: S3Bucket) -> None:
     cp = tmp_path / "cp"
     files = build(cp, S3_CLUSTERS)
@@ -276,6 +278,7 @@ def test_special_names_keep_their_own_rows_s3(tmp_path: Path, s3_bucket: S3Bucke
     check_checkpoints(before, snapshot(cp), files)
 
 
+@pytest.mark.s3
 def test_s3_keys_are_literal(s3_bucket: S3Bucket) -> None:
     """No glob on rm/find/exists, no `?versionId=` cut, on keys holding such characters."""
     names = ["a", "a*", "a?", "a[a]", "a?versionId=1", "a?versionId=2", "a::b", "b"]
@@ -314,6 +317,7 @@ def make_refused(cp: Path) -> list[bytes]:
     return made
 
 
+@pytest.mark.slow
 def test_refused_cluster_directories_are_reported(tmp_path: Path) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "arc"
     files = build(cp, {"good": FEW})
@@ -337,8 +341,9 @@ def test_refused_cluster_directories_are_reported(tmp_path: Path) -> None:
     assert {k for k in set(before) - set(after)} == {str(p.relative_to(cp)) for p in files.values()}
 
 
+@pytest.mark.distributed
 def test_refused_cluster_directories_in_the_distributed_plan(
-    tmp_path: Path, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis_server: Any, clean_settings: pytest.MonkeyPatch
 ) -> None:
     """Celery path: discover reports them, launch makes each a cluster report with the
     reason (no task, no lock), and the client shows them like any report (exit 1)."""
@@ -348,12 +353,9 @@ def test_refused_cluster_directories_in_the_distributed_plan(
     cp.mkdir()
     make_refused(cp)
     before = snapshot(cp)
-    for name in list(os.environ):
-        if name.startswith("CCARCHIVE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("CCARCHIVE_CHECKPOINTS", str(cp))
-    monkeypatch.setenv("CCARCHIVE_ARCHIVE", str(tmp_path / "arc"))
-    monkeypatch.setenv("CCARCHIVE_BROKER_URL", redis_server.url(3))
+    clean_settings.setenv("CCARCHIVE_CHECKPOINTS", str(cp))
+    clean_settings.setenv("CCARCHIVE_ARCHIVE", str(tmp_path / "arc"))
+    clean_settings.setenv("CCARCHIVE_BROKER_URL", redis_server.url(3))
     for cached in (tasks.settings, tasks.router, tasks._redis):
         cached.cache_clear()
     try:
@@ -457,6 +459,7 @@ def _nothing() -> Iterator[None]:
     yield
 
 
+@pytest.mark.slow
 def test_full_archive_disk_exits_1_and_keeps_everything(tmp_path: Path) -> None:
     cp, archive, stage = tmp_path / "cp", tmp_path / "arc", tmp_path / "stage"
     files = build(cp, {"cl": ["h1"]})
@@ -481,6 +484,7 @@ def test_full_archive_disk_exits_1_and_keeps_everything(tmp_path: Path) -> None:
     assert len(files) == 1
 
 
+@pytest.mark.s3
 def test_names_s3_cannot_list_are_refused_for_s3(tmp_path: Path, s3_bucket: S3Bucket) -> None:
     """U+FFFE/U+FFFF are fine in a directory name but not in S3's XML listings: a host or
     cluster so named is refused and reported for S3 staging and archives, files kept."""

@@ -21,16 +21,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import workers
 from tests.helpers import (
     archive_argv,
     archive_rows,
     bin_file,
     bin_level,
+    clean_env,
+    expected_rows,
     level,
     metric,
-    oracle_rows,
-    sort_key,
     write_json,
 )
 from workers import steps
@@ -40,14 +39,10 @@ from workers.checkpoint import MAX_DEPTH, BadCheckpoint, parse_binary, parse_jso
 #: pyarrow, far below what a quadratic parse of a bomb needs.
 AS_LIMIT = 1536 * 1024 * 1024
 BOMB_LEVELS = 200_000
-REPO = str(Path(workers.__file__).resolve().parent.parent)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["XDG_STATE_HOME"] = str(tmp_path / "state")  # run records stay in the test's tree
-    return env
+    return clean_env(XDG_STATE_HOME=str(tmp_path / "state"))  # run records stay in the test's tree
 
 
 def _limit_memory() -> None:
@@ -99,6 +94,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "content"),
     [
@@ -191,6 +187,7 @@ def test_deep_path_in_a_message_is_short_even_with_long_names() -> None:
     assert len(info.value.reason) < 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape",
     ["json-metrics", "json-children", "bin-metrics", "bin-children"],
@@ -232,6 +229,7 @@ print(len(data), len(series), grown)
 # --- a whole CLI run with bombs beside good files ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_run_keeps_bombs_and_archives_the_rest_under_a_memory_limit(tmp_path: Path) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     good = [
@@ -248,9 +246,7 @@ def test_cli_run_keeps_bombs_and_archives_the_rest_under_a_memory_limit(tmp_path
     bomb_bin.write_bytes(binary_bomb(BOMB_LEVELS))
     bomb_json = cp / "c" / "h2" / "150.json"
     bomb_json.write_bytes(json_bomb(BOMB_LEVELS))
-    expected = sorted(
-        (row for p in good for row in oracle_rows("c", p.parent.name, p)), key=sort_key
-    )
+    expected = expected_rows(good)
 
     # Under `ulimit -v` every thread's malloc arena (64 MiB of address space each, for
     # pyarrow's thread pool) counts against the limit although almost none of it is used:
@@ -281,6 +277,7 @@ def test_cli_run_keeps_bombs_and_archives_the_rest_under_a_memory_limit(tmp_path
 # --- cutoffs ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("when", "message"),
     [
@@ -298,7 +295,7 @@ def test_cutoffs_out_of_range_are_usage_errors(
 ) -> None:
     cp = tmp_path / "cp"
     f = write_json(cp / "c" / "h" / "100.json", level({"m": metric([1.0])}))
-    argv = ["archive", "--checkpoints", str(cp), "--archive", str(tmp_path / "a"), *when]
+    argv = [*archive_argv(cp, tmp_path / "a"), *when]
     proc = _run(["-m", "workers.cli", *argv], tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -306,11 +303,12 @@ def test_cutoffs_out_of_range_are_usage_errors(
     assert f.exists() and not (tmp_path / "a" / "c").exists()
 
 
+@pytest.mark.slow
 def test_retention_from_the_environment_is_checked_too(tmp_path: Path) -> None:
     cp = tmp_path / "cp"
     write_json(cp / "c" / "h" / "100.json", level({"m": metric([1.0])}))
     env = {**_env(tmp_path), "CCARCHIVE_RETENTION": "3000000h"}
-    argv = ["archive", "--checkpoints", str(cp), "--archive", str(tmp_path / "a")]
+    argv = archive_argv(cp, tmp_path / "a")
     proc = subprocess.run(
         [sys.executable, "-m", "workers.cli", *argv],
         capture_output=True,
@@ -322,6 +320,7 @@ def test_retention_from_the_environment_is_checked_too(tmp_path: Path) -> None:
     assert "CCARCHIVE_RETENTION" in proc.stderr
 
 
+@pytest.mark.slow
 def test_the_largest_cutoff_is_accepted_and_status_reads_its_archive(tmp_path: Path) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     write_json(cp / "c" / "h" / "100.json", level({"m": metric([1.0])}))
@@ -373,6 +372,7 @@ def broken_archive(tmp_path: Path) -> tuple[Path, Path, dict[str, Path], list[tu
     return tmp_path, archive, bad, rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["csv", "table", "parquet"])
 def test_query_reports_each_broken_file_once_and_reads_the_others(
     broken_archive: tuple[Path, Path, dict[str, Path], list[tuple[object, ...]]], fmt: str
@@ -402,6 +402,7 @@ def test_query_reports_each_broken_file_once_and_reads_the_others(
         assert proc.stdout.count(" h1 ") + proc.stdout.count(" h2 ") == len(rows)
 
 
+@pytest.mark.slow
 def test_query_reports_a_file_that_breaks_while_it_is_read(tmp_path: Path) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     rng = np.random.default_rng(0)
@@ -427,6 +428,7 @@ def test_query_reports_a_file_that_breaks_while_it_is_read(tmp_path: Path) -> No
     assert proc.stdout.count('\n"b",') == 5000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "code", "message"),
     [
@@ -453,6 +455,7 @@ def test_inspect_reports_a_broken_file_in_one_line(
         assert "x" in proc.stdout and "y" in proc.stdout  # described all the same
 
 
+@pytest.mark.slow
 def test_inspect_and_query_refuse_a_fifo_without_blocking(tmp_path: Path) -> None:
     archive = tmp_path / "archive"
     (archive / "c").mkdir(parents=True)

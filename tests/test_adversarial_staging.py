@@ -16,21 +16,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
+from tests import helpers
 from tests.fixtures_s3 import S3Bucket
-from tests.helpers import archive_argv
+from tests.helpers import archive_argv, clean_env, run_cli, write_tree
 from workers import recovery, roots, staging
-from workers.generate import Level, Metric, write_checkpoint
 
 CUTOFF = 5_000_000
-WORKTREE = Path(__file__).resolve().parents[1]
 SEVEN_HOURS = 7 * 3600  # older than the default grace period (6 h)
 
 State = dict[str, tuple[bytes | None, int, int, int, int]]
@@ -38,15 +36,7 @@ State = dict[str, tuple[bytes | None, int, int, int, int]]
 
 def make_tree(root: Path) -> None:
     """2 clusters x 2 hosts x 2 files (JSON and binary), all older than CUTOFF."""
-    rng = np.random.default_rng(7)
-    for cluster in ("alpha", "beta"):
-        for h in range(2):
-            for k, fmt in enumerate(("json", "bin")):
-                start = 1_000_000 + k * 6000
-                lv = Level({"load": Metric(60, start, np.round(rng.random(50) * 100, 1))})
-                write_checkpoint(
-                    root / cluster / f"h{h}" / f"{start}.{fmt}", lv, start, start + 6000, fmt=fmt
-                )
+    write_tree(root, seed=7, values=50, sockets=0)
 
 
 def age(root: Path, seconds: int = SEVEN_HOURS) -> None:
@@ -81,20 +71,12 @@ def state(root: Path) -> State:
 def cli_env(tmpdir: Path, **extra: str) -> dict[str, str]:
     """Environment of a `ccarchive` subprocess: this worktree, no CCARCHIVE_* leaking in,
     the system temp dir (so the default staging) in `tmpdir`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    env.update(PYTHONPATH=str(WORKTREE), TMPDIR=str(tmpdir), **extra)
-    return env
+    return clean_env(TMPDIR=str(tmpdir), **extra)
 
 
 def ccarchive(args: list[str], tmpdir: Path, **extra: str) -> subprocess.CompletedProcess[str]:
     """Run `ccarchive <args>` to the end."""
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(tmpdir, **extra),
-        timeout=120,
-    )
+    return run_cli(args, cli_env(tmpdir, **extra))
 
 
 def private_root(tmpdir: Path) -> Path:
@@ -154,6 +136,7 @@ OVERLAPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(OVERLAPS), ids=list(OVERLAPS))
 def test_overlapping_roots_are_refused_and_nothing_changes(world: Path, case: str) -> None:
     checkpoints, archive, staging_dir, other_flag = OVERLAPS[case]
@@ -211,6 +194,7 @@ def test_location_overlap_is_component_wise(a: str, b: str, expected: bool) -> N
     assert roots.overlaps(b, a) is expected
 
 
+@pytest.mark.s3
 def test_s3_staging_inside_the_s3_archive_is_refused(world: Path, s3_bucket: S3Bucket) -> None:
     s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="arc/alpha/1.parquet", Body=b"x")
     ck = world / "w" / "ck"
@@ -248,6 +232,7 @@ def marked_run(root: Path, run_id: str, content: str | None = None) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_sweep_of_a_shared_staging_root_removes_only_marked_dead_runs(world: Path) -> None:
     shared = world / "shared"
     shared.mkdir()
@@ -308,30 +293,10 @@ def test_run_ids_are_recognised_and_the_marker_is_written(tmp_path: Path) -> Non
 # --- the default temporary staging ----------------------------------------------------------
 
 
-def start_stalled_run(world: Path, workers: int) -> tuple[subprocess.Popen[str], Path]:
-    """Start an embedded run that stalls after its first chunk; return it once stalled."""
-    fault = world / "fault"
-    fault.write_text("stall load:staged")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            *archive_argv(world / "w" / "ck", world / "w" / "arc", CUTOFF, workers),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(world / "tmp", CCARCHIVE_FAULT_FILE=str(fault)),
-    )
-    stalled = Path(f"{fault}.stalled")
-    deadline = time.monotonic() + 90
-    while not stalled.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"the run did not stall: {proc.communicate()}")
-        time.sleep(0.05)
-    return proc, stalled
+def stalled_run(world: Path, workers: int) -> AbstractContextManager[subprocess.Popen[str]]:
+    """An embedded run that stalls after its first chunk, given once stalled."""
+    argv = archive_argv(world / "w" / "ck", world / "w" / "arc", CUTOFF, workers)
+    return helpers.stalled_run(argv, cli_env(world / "tmp"), world / "fault")
 
 
 def run_dirs(world: Path) -> list[Path]:
@@ -339,6 +304,7 @@ def run_dirs(world: Path) -> list[Path]:
     return sorted(private_root(world / "tmp").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("signo", "workers"),
     [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGTERM, 2), (signal.SIGINT, 2)],
@@ -347,18 +313,13 @@ def test_sigterm_and_sigint_leave_no_run_directory(
     world: Path, signo: signal.Signals, workers: int
 ) -> None:
     before = state(world / "w" / "ck")
-    proc, stalled = start_stalled_run(world, workers)
-    try:
+    with stalled_run(world, workers) as proc:
         [run] = run_dirs(world)  # the run is staged there: the test does test something
         assert list(run.rglob("*.arrow"))
         assert (run / staging.MARKER).read_text() == run.name
 
         proc.send_signal(signo)
         _, err = proc.communicate(timeout=60)
-    finally:
-        stalled.unlink(missing_ok=True)
-        if proc.poll() is None:
-            proc.kill()
 
     assert proc.returncode == 128 + signo, err
     assert "Traceback" not in err and signo.name in err
@@ -370,13 +331,11 @@ def test_sigterm_and_sigint_leave_no_run_directory(
     assert not [p for p in (world / "w" / "arc").rglob("*") if p.name.endswith(".partial")]
 
 
+@pytest.mark.slow
 def test_after_sigkill_the_next_run_sweeps_the_dead_run_but_not_a_live_one(world: Path) -> None:
-    proc, stalled = start_stalled_run(world, 1)
-    try:
+    with stalled_run(world, 1) as proc:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-    finally:
-        stalled.unlink(missing_ok=True)
     [dead] = run_dirs(world)
     assert (dead / staging.MARKER).read_text() == dead.name
     # A live run of this user (another process holds its lock): never swept.
@@ -427,6 +386,7 @@ PLANTED: dict[str, Any] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(PLANTED), ids=list(PLANTED))
 def test_a_planted_temporary_staging_folder_is_refused(world: Path, case: str) -> None:
     plant, words = PLANTED[case]
@@ -447,17 +407,14 @@ def test_a_planted_temporary_staging_folder_is_refused(world: Path, case: str) -
 
 
 @pytest.fixture
-def overlapping_worker(world: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+def overlapping_worker(world: Path, clean_settings: pytest.MonkeyPatch) -> Any:
     """workers.distributed.tasks with this process's settings: staging = the checkpoint root."""
     from workers.distributed import tasks
 
-    for name in list(os.environ):
-        if name.startswith("CCARCHIVE_"):
-            monkeypatch.delenv(name)
     ck = world / "w" / "ck"
-    monkeypatch.setenv("CCARCHIVE_CHECKPOINTS", str(ck))
-    monkeypatch.setenv("CCARCHIVE_ARCHIVE", str(world / "w" / "arc"))
-    monkeypatch.setenv("CCARCHIVE_STAGING", str(ck))
+    clean_settings.setenv("CCARCHIVE_CHECKPOINTS", str(ck))
+    clean_settings.setenv("CCARCHIVE_ARCHIVE", str(world / "w" / "arc"))
+    clean_settings.setenv("CCARCHIVE_STAGING", str(ck))
     tasks.settings.cache_clear()
     yield tasks
     tasks.settings.cache_clear()

@@ -15,7 +15,6 @@ always evaluated by the small Python evaluator below, on the same two files.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -29,11 +28,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.helpers import level, metric, write_json
+from tests.helpers import ROOT, archive_argv, clean_env, level, metric, run_cli, write_json
 from workers.metrics import Series, read_textfile
 
-WORKTREE = Path(__file__).resolve().parents[1]
-RULES = WORKTREE / "contrib" / "prometheus" / "ccarchive.rules.yml"
+RULES = ROOT / "contrib" / "prometheus" / "ccarchive.rules.yml"
 STALE_AFTER = 2 * 48 * 3600  # the rules' threshold
 
 
@@ -44,21 +42,12 @@ def write_host(cp: Path, cluster: str, host: str, ts: int) -> None:
 
 def archive(cp: Path, arc: Path, cutoff: int, textfile: Path, tmp: Path) -> int:
     """One one-shot run in its own process, as a timer starts it; its exit code."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    env.update(
-        PYTHONPATH=str(WORKTREE),
+    env = clean_env(
         TMPDIR=str(tmp),
         XDG_STATE_HOME=str(tmp / "state"),
         CCARCHIVE_METRICS_TEXTFILE=str(textfile),
     )
-    argv = ["archive", "--checkpoints", str(cp), "--archive", str(arc), "--cutoff", str(cutoff)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "workers.cli", *argv, "--workers", "1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    proc = run_cli(archive_argv(cp, arc, cutoff, 1), env)
     assert proc.returncode in (0, 1), proc.stderr
     return proc.returncode
 
@@ -86,6 +75,7 @@ def labels(**kv: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(kv.items()))
 
 
+@pytest.mark.slow
 def test_the_textfile_carries_counters_and_holds_last_run_gauges(
     two_runs: tuple[Path, Path],
 ) -> None:
@@ -237,6 +227,7 @@ def _expected(rule: dict[str, Any], value: float, **lab: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: prometheus)")
 def test_the_rules_fire_in_promtool(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
     assert PROMTOOL is not None

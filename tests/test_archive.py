@@ -16,9 +16,11 @@ from tests.helpers import (
     archive_rows,
     bin_file,
     bin_level,
+    clean_env,
+    expected_rows,
+    full_key,
     level,
     metric,
-    oracle_rows,
     snapshot,
     sort_key,
     write_json,
@@ -159,22 +161,7 @@ def test_archive_edge_case_tree(tmp_path: Path) -> None:
     good, kept = build_tree(cp)
     before = snapshot(cp)
 
-    assert (
-        main(
-            [
-                "archive",
-                "--checkpoints",
-                str(cp),
-                "--archive",
-                str(archive),
-                "--cutoff",
-                str(CUTOFF),
-                "--workers",
-                "1",
-            ]
-        )
-        == 1
-    )
+    assert main(archive_argv(cp, archive, CUTOFF, 1)) == 1
 
     # Archived files are gone; every other file is byte-identical.
     after = snapshot(cp)
@@ -189,29 +176,12 @@ def test_archive_edge_case_tree(tmp_path: Path) -> None:
     assert len(archive_rows(archive / CLUSTER / f"{CUTOFF}.parquet")) > 0
 
 
+@pytest.mark.slow
 def test_rows_equal_oracle_and_are_sorted(tmp_path: Path) -> None:
     cp, archive = tmp_path / "checkpoints", tmp_path / "archive"
     good, _kept = build_tree(cp)
-    expected = sorted(
-        (r for c, h, p in good for r in oracle_rows(c, h, p)),
-        key=lambda r: (r[0], *sort_key(r), r[6], r[7]),
-    )
-    assert (
-        main(
-            [
-                "archive",
-                "--checkpoints",
-                str(cp),
-                "--archive",
-                str(archive),
-                "--cutoff",
-                str(CUTOFF),
-                "--workers",
-                "2",
-            ]
-        )
-        == 1
-    )
+    expected = expected_rows((p for *_, p in good), key=lambda r: (r[0], *full_key(r)))
+    assert main(archive_argv(cp, archive, CUTOFF, 2)) == 1
 
     rows = archive_rows(archive / CLUSTER / f"{CUTOFF}.parquet")
     assert rows == sorted(rows, key=sort_key)  # sorted by the SPEC key
@@ -228,19 +198,7 @@ def test_rows_equal_oracle_and_are_sorted(tmp_path: Path) -> None:
 def test_parquet_types_codec_row_groups_and_footer(tmp_path: Path) -> None:
     cp, archive = tmp_path / "checkpoints", tmp_path / "archive"
     build_tree(cp)
-    main(
-        [
-            "archive",
-            "--checkpoints",
-            str(cp),
-            "--archive",
-            str(archive),
-            "--cutoff",
-            str(CUTOFF),
-            "--workers",
-            "1",
-        ]
-    )
+    main(archive_argv(cp, archive, CUTOFF, 1))
     f = pq.ParquetFile(archive / CLUSTER / f"{CUTOFF}.parquet")
     schema = f.schema
     physical = {
@@ -288,22 +246,7 @@ def test_row_groups_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         cp / "c" / "h2" / "100.json", level({"m": metric([float(i) for i in range(7)], 1, 100)})
     )
     monkeypatch.setenv("CCARCHIVE_ROW_GROUP_ROWS", "10")
-    assert (
-        main(
-            [
-                "archive",
-                "--checkpoints",
-                str(cp),
-                "--archive",
-                str(archive),
-                "--cutoff",
-                "100",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert main(archive_argv(cp, archive, 100, 1)) == 0
     md = pq.ParquetFile(archive / "c" / "100.parquet").metadata
     assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [10, 10, 5, 7]
 
@@ -329,17 +272,7 @@ def test_page_rows_setting_reaches_the_writer(
 def test_second_run_same_cutoff_changes_nothing(tmp_path: Path) -> None:
     cp, archive = tmp_path / "checkpoints", tmp_path / "archive"
     build_tree(cp)
-    args = [
-        "archive",
-        "--checkpoints",
-        str(cp),
-        "--archive",
-        str(archive),
-        "--cutoff",
-        str(CUTOFF),
-        "--workers",
-        "1",
-    ]
+    args = archive_argv(cp, archive, CUTOFF, 1)
     main(args)
     out = archive / CLUSTER / f"{CUTOFF}.parquet"
     first = (out.read_bytes(), out.stat().st_mtime_ns)
@@ -353,17 +286,7 @@ def test_second_run_same_cutoff_changes_nothing(tmp_path: Path) -> None:
 def test_existing_archive_with_other_content_is_not_overwritten(tmp_path: Path) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     write_json(cp / "c" / "h" / "100.json", level({"m": metric([1.0])}))
-    args = [
-        "archive",
-        "--checkpoints",
-        str(cp),
-        "--archive",
-        str(archive),
-        "--cutoff",
-        "200",
-        "--workers",
-        "1",
-    ]
+    args = archive_argv(cp, archive, 200, 1)
     assert main(args) == 0
     out = archive / "c" / "200.parquet"
     first = out.read_bytes()
@@ -377,19 +300,7 @@ def test_existing_archive_with_other_content_is_not_overwritten(tmp_path: Path) 
 def test_all_good_exits_zero_and_clean_staging(tmp_path: Path) -> None:
     cp, archive, staging = tmp_path / "cp", tmp_path / "archive", tmp_path / "staging"
     write_json(cp / "c" / "h" / "100.json", level({"m": metric([1.0, None, 3.0])}))
-    args = [
-        "archive",
-        "--checkpoints",
-        str(cp),
-        "--archive",
-        str(archive),
-        "--cutoff",
-        "100",
-        "--staging",
-        str(staging),
-        "--workers",
-        "1",
-    ]
+    args = [*archive_argv(cp, archive, 100, 1), "--staging", str(staging)]
     assert main(args) == 0
     assert not (cp / "c" / "h" / "100.json").exists()
     assert (cp / "c" / "h").is_dir()  # host directories stay
@@ -407,24 +318,13 @@ def test_delete_mode_removes_selected_files_only(tmp_path: Path) -> None:
     badname = write_json(cp / "c" / "h" / "x1.json", level())
     wal = cp / "c" / "h" / "current.wal"
     wal.write_text("w")
-    code = main(
-        [
-            "archive",
-            "--checkpoints",
-            str(cp),
-            "--cutoff",
-            "200",
-            "--mode",
-            "delete",
-            "--workers",
-            "1",
-        ]
-    )
+    code = main([*archive_argv(cp, cutoff=200, workers=1), "--mode", "delete"])
     assert code == 1  # x1.json is reported
     assert not old.exists() and not old_bin.exists()
     assert new.exists() and zero.exists() and badname.exists() and wal.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -463,7 +363,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path, args: list[str], mess
     (tmp_path / "file").write_text("x")
     (tmp_path / "cp").mkdir()  # beside the archive root, not around it (SPEC §6.9)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
+    env = clean_env()
     proc = subprocess.run(
         [sys.executable, "-m", "workers.cli", "archive", *argv],
         capture_output=True,
@@ -477,23 +377,13 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path, args: list[str], mess
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_console_script_runs_and_summarises(tmp_path: Path) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     write_json(cp / "c1" / "h1" / "100.json", level({"m": metric([1.0, 2.0])}))
     exe = Path(sys.executable).with_name("ccarchive")
     proc = subprocess.run(
-        [
-            str(exe),
-            "archive",
-            "--checkpoints",
-            str(cp),
-            "--archive",
-            str(archive),
-            "--cutoff",
-            "100",
-            "--workers",
-            "2",
-        ],
+        [str(exe), *archive_argv(cp, archive, 100, 2)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -502,6 +392,7 @@ def test_console_script_runs_and_summarises(tmp_path: Path) -> None:
     assert "c1" in proc.stdout and str(archive / "c1" / "100.parquet") in proc.stdout
 
 
+@pytest.mark.slow
 def test_summary_readable_at_80_columns(tmp_path: Path) -> None:
     """On an 80-column terminal (a real pty): the table fits, the row counts are whole, the
     archive path is printed in full on a line of its own, the cutoff also in UTC."""
@@ -526,8 +417,7 @@ def test_summary_readable_at_80_columns(tmp_path: Path) -> None:
     primary, replica = pty.openpty()
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "COLUMNS": "80", "LINES": "40", "PYTHONPATH": str(root)}
-    argv = [sys.executable, "-m", "workers.cli", "archive", "--checkpoints", str(cp)]
-    argv += ["--archive", str(archive), "--cutoff", "2000000000", "--workers", "1"]
+    argv = [sys.executable, "-m", "workers.cli", *archive_argv(cp, archive, 2000000000, 1)]
     proc = subprocess.Popen(argv, stdout=replica, stderr=subprocess.PIPE, env=env)
     os.close(replica)
     chunks = []

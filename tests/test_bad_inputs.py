@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_s3 import S3Bucket, free_port
+from tests.fixtures_s3 import S3Bucket
+from tests.helpers import ROOT, archive_argv, clean_env, free_port
 from workers.cli_parser import build_parser
 from workers.usage import EXIT_PIPE
 
-ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(Path(sys.executable).with_name("celery"))
 CUTOFF = "2000000000"
 
@@ -66,32 +66,12 @@ CATALOGUE: dict[str, Case] = {
             CUTOFF,
         ]
     ),
-    "archive-bad-routes": Case(
-        ["archive", "--checkpoints", "{cp}", "--archive", "{tmp}/a"], env=BAD_ROUTES
-    ),
-    "archive-bad-retention": Case(
-        ["archive", "--checkpoints", "{cp}", "--archive", "{tmp}/a"], env=BAD_RETENTION
-    ),
-    "archive-retention-flag": Case(
-        ["archive", "--checkpoints", "{cp}", "--archive", "{tmp}/a", "--retention", "2 days"]
-    ),
-    "archive-no-checkpoints": Case(
-        ["archive", "--checkpoints", "{tmp}/none", "--archive", "{tmp}/a", "--cutoff", CUTOFF]
-    ),
+    "archive-bad-routes": Case(archive_argv("{cp}", "{tmp}/a"), env=BAD_ROUTES),
+    "archive-bad-retention": Case(archive_argv("{cp}", "{tmp}/a"), env=BAD_RETENTION),
+    "archive-retention-flag": Case([*archive_argv("{cp}", "{tmp}/a"), "--retention", "2 days"]),
+    "archive-no-checkpoints": Case(archive_argv("{tmp}/none", "{tmp}/a", CUTOFF)),
     "archive-unknown-cluster": Case(
-        [
-            "archive",
-            "--checkpoints",
-            "{cp}",
-            "--archive",
-            "{tmp}/a",
-            "--cutoff",
-            CUTOFF,
-            "--cluster",
-            "fritz",
-            "--cluster",
-            "fritzz",
-        ]
+        [*archive_argv("{cp}", "{tmp}/a", CUTOFF), "--cluster", "fritz", "--cluster", "fritzz"]
     ),
     # generate
     "generate-no-hosts": Case(["generate", "--root", "{tmp}/g", "--hosts", "0"]),
@@ -159,9 +139,9 @@ def run(
     argv: list[str], env: dict[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """Run a command with the worktree on the path and a broker nobody listens on."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    full.update(PYTHONPATH=str(ROOT), **env)
-    return subprocess.run(argv, env=full, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        argv, env=clean_env(**env), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line(result: subprocess.CompletedProcess[str], code: int) -> str:
@@ -180,6 +160,7 @@ def test_catalogue_covers_every_subcommand() -> None:
     assert covered == set(subcommands())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CATALOGUE))
 def test_bad_input(name: str, tree: Path) -> None:
     """Every catalogued mistake: one `error:` line, no traceback, exit 2."""
@@ -199,12 +180,13 @@ def test_bad_input(name: str, tree: Path) -> None:
         assert any(k in line for k in case.env), line
 
 
+@pytest.mark.s3
 @pytest.mark.parametrize("option", ["--staging", "--archive"])
 def test_missing_bucket(option: str, tree: Path, s3_bucket: S3Bucket) -> None:
     """A bucket that does not exist is a usage error before anything runs, like a local
     unwritable archive; nothing is deleted."""
     before = sorted(p for p in (tree / "cp").rglob("*") if p.is_file())
-    argv = ["archive", "--checkpoints", str(tree / "cp"), "--cutoff", CUTOFF]
+    argv = archive_argv(tree / "cp", cutoff=CUTOFF)
     argv += ["--archive", str(tree / "arc")] if option == "--staging" else []
     argv += [option, "s3://no-such-bucket-here/x"]
     result = run([sys.executable, "-m", "workers.cli", *argv], s3_bucket.env())
@@ -219,11 +201,12 @@ def archived(tree: Path) -> Path:
     cp, arc = tree / "big", tree / "big-arc"
     gen = ["generate", "--root", str(cp), "--hosts", "4", "--files-per-host", "2"]
     assert run([sys.executable, "-m", "workers.cli", *gen], {}).returncode == 0
-    archive = ["archive", "--checkpoints", str(cp), "--archive", str(arc), "--cutoff", CUTOFF]
+    archive = archive_argv(cp, arc, CUTOFF)
     assert run([sys.executable, "-m", "workers.cli", *archive], {}).returncode == 0
     return arc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["csv", "table"])
 def test_reader_gone_is_quiet(fmt: str, archived: Path) -> None:
     """`ccarchive query ... | head -2`: the first rows, nothing on stderr, exit 141
@@ -242,11 +225,12 @@ def test_reader_gone_is_quiet(fmt: str, archived: Path) -> None:
     assert code == EXIT_PIPE
 
 
+@pytest.mark.slow
 def test_unknown_cluster_names_it_and_does_nothing(tree: Path) -> None:
     """`--cluster fritzz` (a typo) next to a real one: exit 2 naming only the missing one
     and the clusters that are there; nothing archived, nothing deleted."""
     before = sorted(p for p in (tree / "cp").rglob("*") if p.is_file())
-    argv = ["archive", "--checkpoints", str(tree / "cp"), "--archive", str(tree / "typo")]
+    argv = archive_argv(tree / "cp", tree / "typo")
     argv += ["--cutoff", CUTOFF, "--cluster", "fritz", "--cluster", "fritzz"]
     line = assert_one_line(run([sys.executable, "-m", "workers.cli", *argv], {}), 2)
     assert "'fritzz'" in line and "'fritz'" not in line and "(clusters there: fritz)" in line
@@ -257,6 +241,7 @@ def test_unknown_cluster_names_it_and_does_nothing(tree: Path) -> None:
 # --- silent no-ops ---------------------------------------------------------------------------
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("retention", [None, "48h"])
 def test_beat_without_retention_warns_at_start_and_every_tick(
     tmp_path: Path, retention: str | None
@@ -267,8 +252,7 @@ def test_beat_without_retention_warns_at_start_and_every_tick(
     import signal
     import time
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    env.update(PYTHONPATH=str(ROOT), CCARCHIVE_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
+    env = clean_env(CCARCHIVE_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
     if retention:
         env["CCARCHIVE_RETENTION"] = retention
     log = tmp_path / "beat.log"
@@ -315,12 +299,12 @@ def test_help_describes_every_option_with_example_and_exit_codes(name: str) -> N
     assert all(f"\n  {code} " in text for code in ("0", "1", "2", "130"))
 
 
+@pytest.mark.slow
 def test_verbose_and_log_level_flags(tmp_path: Path) -> None:
     """-v logs INFO lines that are not shown by default; --log-level beats -v."""
     cp = tmp_path / "cp"
     (cp / "fritz" / "h1").mkdir(parents=True)
-    base = [sys.executable, "-m", "workers.cli", "archive", "--checkpoints", str(cp)]
-    base += ["--archive", str(tmp_path / "a"), "--cutoff", "5"]
+    base = [sys.executable, "-m", "workers.cli", *archive_argv(cp, tmp_path / "a", 5)]
     quiet, verbose = run(base, {}), run([*base, "-v"], {})
     error_only = run([*base, "-v", "--log-level", "error"], {})
     assert quiet.returncode == verbose.returncode == error_only.returncode == 0

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_redis import CELERY, Proc, Processes, RedisServer, clean_env, wait_until
+from tests.distributed_harness import RedisInstance
+from tests.fixtures_redis import CELERY, Proc, Processes, wait_until
+from tests.helpers import clean_env
 from workers.distributed import names
+
+pytestmark = [pytest.mark.distributed]
 
 DB = 12
 SENT = "Sending due task ccarchive-run"
@@ -24,7 +28,7 @@ def _beat(processes: Processes, name: str, env: dict[str, str], tmp_path: Path) 
 
 @pytest.mark.timeout(120)
 def test_only_one_of_two_beats_schedules_and_the_other_takes_over(
-    redis_server: RedisServer, processes: Processes, tmp_path: Path
+    redis_server: RedisInstance, processes: Processes, tmp_path: Path
 ) -> None:
     redis_server.client(DB).flushdb()
     env = clean_env(

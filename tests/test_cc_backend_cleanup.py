@@ -7,29 +7,18 @@ Migration step 2 (docs/operations.md) depends on cc-backend's cleanup being off
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers import clean_env, run_cli
 from workers.config import cleanup_warning
-
-WORKTREE = Path(__file__).resolve().parents[1]
 
 
 def ccarchive(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    env.update(PYTHONPATH=str(WORKTREE), XDG_STATE_HOME=str(tmp / "state"))
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    return run_cli(args, clean_env(XDG_STATE_HOME=str(tmp / "state")))
 
 
 def write_config(tmp: Path, cleanup: dict[str, Any] | None) -> Path:
@@ -46,6 +35,7 @@ def write_config(tmp: Path, cleanup: dict[str, Any] | None) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("cleanup", "why"),
     [
@@ -67,6 +57,7 @@ def test_cleanup_still_on_is_one_warning(
     assert str(config) in lines[0] and why in lines[0] and '"interval": "0s"' in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interval", ["0s", "0", "0h0m"])
 def test_cleanup_switched_off_is_silent(tmp_path: Path, interval: str) -> None:
     config = write_config(tmp_path, {"mode": "archive", "interval": interval})
@@ -81,6 +72,7 @@ def test_cleanup_switched_off_is_silent(tmp_path: Path, interval: str) -> None:
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
+@pytest.mark.slow
 def test_an_invalid_config_is_one_error_line_not_a_warning_too(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"mode": "purge"})  # also: no interval
     proc = ccarchive(tmp_path, "status", "--cc-backend-config", str(config))

@@ -10,7 +10,8 @@ One module-wide set of workers on three queues, each with its own storage-node r
 
 All workers run without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (see `drop_dac_prefix`), so a
 host directory with mode 000 is really unreadable to them although the suite runs as root.
-No eager mode anywhere: every task goes through Redis to a worker process.
+No eager mode anywhere: every task goes through Redis to a worker process. The
+installation is a `tests.distributed_harness.Deployment` (its own redis-server).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,112 +35,57 @@ import pytest
 import requests
 
 from tests import distributed_harness as harness
+from tests import helpers
+from tests.distributed_harness import Deployment, RedisInstance
 from tests.fixtures_redis import (
     CCARCHIVE,
-    CELERY,
-    Processes,
-    RedisServer,
-    clean_env,
     drop_dac_prefix,
-    free_port,
-    make_test_app,
-    wait_for_workers,
     wait_until,
-    worker_argv,
 )
-from tests.helpers import Row, archive_rows, oracle_rows, snapshot, sort_key
+from tests.helpers import Row, archive_argv, archive_rows, clean_env, snapshot
 from workers.cli import main as cli_main
 from workers.distributed import names, remote
 from workers.generate import Level, Metric, write_checkpoint
 
-DB = 1  # this module's Redis database
 ROUTES = {"alex": "storage-a", "*/broken*": "storage-broken"}
 NOW = int(time.time())
 OLD = NOW - 10 * 86400  # well before any cutoff of these tests
 NEW = NOW + 86400  # after any cutoff: never selected
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 
-# --- the module's Celery cluster ----------------------------------------------------------
-
-
-@dataclass
-class Cluster:
-    """The running workers and the roots they work on."""
-
-    redis: RedisServer
-    root: Path
-    checkpoints: Path
-    archive: Path
-    staging: Path
-    fault_file: Path
-    env: dict[str, str]  # what every worker got
-    procs: Processes
-
-    @property
-    def broker(self) -> str:
-        """Broker URL of this module's database."""
-        return self.redis.url(DB)
-
-    def reports(self) -> list[dict[str, Any]]:
-        """The report log (newest first)."""
-        raw = self.redis.client(DB).lrange(names.REPORTS_KEY, 0, -1)
-        return [json.loads(r) for r in raw]
-
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run the real `ccarchive archive --broker ...` client."""
-        return subprocess.run(
-            [CCARCHIVE, "archive", "--broker", self.broker, *args],
-            env=clean_env(COLUMNS="200"),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+# --- the module's deployment -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def celery_cluster(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Cluster]:
+def celery_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """Three real `celery -A workers worker` processes on three queues; stopped at the end."""
     prefix = drop_dac_prefix()
     if prefix is None:
         pytest.skip("running as root without setpriv: cannot make a directory unreadable")
     root = tmp_path_factory.mktemp("celery")
-    checkpoints, archive, staging = root / "checkpoints", root / "archive", root / "staging"
-    for d in (checkpoints, archive, staging):
-        d.mkdir()
     (root / "not-a-dir").write_text("a regular file where a directory should be\n")
-    redis_server.client(DB).flushdb()
-    env = clean_env(
-        CCARCHIVE_BROKER_URL=redis_server.url(DB),
-        CCARCHIVE_CHECKPOINTS=str(checkpoints),
-        CCARCHIVE_ARCHIVE=str(archive),
-        CCARCHIVE_STAGING=str(staging),
-        CCARCHIVE_ROUTES=json.dumps(ROUTES),
-        CCARCHIVE_TASK_RETRIES="2",
-        CCARCHIVE_RETRY_DELAY="0.1",
-        CCARCHIVE_FAULT_FILE=str(root / "fault"),
-    )
-    procs = Processes(root / "logs")
+    env = {
+        "CCARCHIVE_ROUTES": json.dumps(ROUTES),
+        "CCARCHIVE_RETRY_DELAY": "0.1",
+        # As shipped, unlike the fault tests' short ones: no redelivery or lock expiry here.
+        "CCARCHIVE_VISIBILITY_TIMEOUT": "2h",
+        "CCARCHIVE_LOCK_TIMEOUT": "24h",
+    }
+    d = Deployment(root, env=env)
     try:
-        started = [
-            procs.start("w-default", [*prefix, *worker_argv("w-default", ["celery"], 2)], env),
-            procs.start("w-storage", [*prefix, *worker_argv("w-storage", ["storage-a"])], env),
-            procs.start(
-                "w-broken",
-                [*prefix, *worker_argv("w-broken", ["storage-broken"])],
-                {**env, "CCARCHIVE_STAGING": str(root / "not-a-dir" / "staging")},
-            ),
-        ]
-        app = make_test_app(redis_server.url(DB))
-        wait_for_workers(app, ["w-default", "w-storage", "w-broken"], started)
-        app.close()
-        yield Cluster(redis_server, root, checkpoints, archive, staging, root / "fault", env, procs)
+        d.archive_dir.mkdir()
+        d.staging_dir.mkdir()
+        d.start_worker("w-default", concurrency=2, queues=["celery"], prefix=prefix)
+        d.start_worker("w-storage", queues=["storage-a"], prefix=prefix)
+        broken = {"CCARCHIVE_STAGING": str(root / "not-a-dir" / "staging")}
+        d.start_worker("w-broken", queues=["storage-broken"], prefix=prefix, env=broken)
+        d.wait_workers(["w-default", "w-storage", "w-broken"])
+        yield d
     finally:
-        procs.stop_all()
-        for p in checkpoints.rglob("*"):
+        d.close()
+        for p in d.checkpoints.rglob("*"):
             if p.is_dir():
                 p.chmod(0o755)  # let pytest clean up the unreadable host
 
@@ -148,50 +93,20 @@ def celery_cluster(
 # --- input --------------------------------------------------------------------------------
 
 
-def _level(seed: int, samples: int = 30, start: int = OLD, nan_every: int = 7) -> Level:
-    """A small host level with node, socket and hwthread metrics and some missing values."""
-    rng = np.random.default_rng(seed)
-
-    def series() -> Metric:
-        v = np.round(rng.uniform(0, 100, samples), 1)
-        v[::nan_every] = np.nan
-        return Metric(60, start, v)
-
-    return Level(
-        metrics={"cpu_load": series(), "mem_used": series()},
-        children={
-            "socket0": Level(metrics={"mem_bw": series()}),
-            "socket1": Level(
-                metrics={"mem_bw": series()},
-                children={"cpu7": Level(metrics={"ipc": series()})},
-            ),
-        },
-    )
-
-
 def write_host(checkpoints: Path, cluster: str, host: str, seed: int, files: int = 2) -> list[Path]:
     """Selected checkpoints (JSON and binary) plus files a run must never touch."""
-    d = checkpoints / cluster / host
-    out = []
-    for k in range(files):
-        ts = OLD + k * 1800
-        fmt = ("json", "bin")[k % 2]
-        path = d / f"{ts}.{fmt}"
-        write_checkpoint(path, _level(seed * 10 + k, start=ts), ts, ts + 1800, fmt)
-        out.append(path)
-    write_checkpoint(d / f"{NEW}.json", _level(seed + 99, start=NEW), NEW, NEW + 1800)
-    (d / "current.wal").write_bytes(b"\x00wal")
-    (d / f"{OLD}.bin.tmp").write_bytes(b"interrupted")
-    (d / "0.json").write_text("{}")  # ts == 0: not a checkpoint to archive
-    return out
+    formats = ("json", "bin") * files
+    paths = helpers.write_host(
+        checkpoints, cluster, host, seed, formats=formats[:files], start=OLD, values=30, nan=0.15
+    )
+    helpers.write_untouchable(checkpoints / cluster / host, NEW, OLD)
+    return paths
 
 
 def expected_rows(files: dict[str, list[Path]], cluster: str) -> list[Row]:
     """The SPEC rows of these files (host -> paths), in archive order."""
-    rows = [
-        r for host, paths in files.items() for p in paths for r in oracle_rows(cluster, host, p)
-    ]
-    return sorted(rows, key=sort_key)
+    assert all(p.parent.parent.name == cluster for ps in files.values() for p in ps)
+    return helpers.expected_rows(p for paths in files.values() for p in paths)
 
 
 def only_parquet(archive: Path, cluster: str) -> Path:
@@ -253,11 +168,9 @@ class Inotify:
 
 
 @pytest.mark.timeout(120)
-def test_beat_triggers_a_whole_run_end_to_end(
-    celery_cluster: Cluster, processes: Processes
-) -> None:
+def test_beat_triggers_a_whole_run_end_to_end(celery_cluster: Deployment) -> None:
     c = celery_cluster
-    cp, ar = c.checkpoints, c.archive
+    cp, ar = c.checkpoints, c.archive_dir
     archived: dict[str, dict[str, list[Path]]] = {
         "alex": {h: write_host(cp, "alex", h, i) for i, h in enumerate(["a0001", "a0002"])},
         "fritz": {h: write_host(cp, "fritz", h, 10 + i) for i, h in enumerate(["f0001", "f0004"])},
@@ -292,18 +205,14 @@ def test_beat_triggers_a_whole_run_end_to_end(
 
     # Every 5 s: soon enough for a test, and rarely a tick whose plan expires (after one
     # interval) on a loaded machine before a busy worker takes it.
-    beat = processes.start(
-        "beat",
-        [CELERY, "-A", "workers", "beat", "-s", str(processes.logdir / "schedule"), "-l", "INFO"],
-        {**c.env, "CCARCHIVE_RETENTION": "1h", "CCARCHIVE_INTERVAL": "5s"},
-    )
+    beat = c.start_beat("beat", interval="5s")
     wait_until(lambda: "Sending due task ccarchive-run" in beat.output(), 30, "beat's first run")
 
     def first_run() -> dict[str, dict[str, Any]] | None:
         # Beat goes on every 5 s: a run that started while the first one held the cluster
         # locks reports "skipped"; later ones find nothing left to do. Take the first run.
         by_run: dict[str, dict[str, dict[str, Any]]] = {}
-        for r in reversed(c.reports()):
+        for r in c.reports():  # oldest first
             by_run.setdefault(r["run_id"], {})[r["cluster"]] = r
         for reports in by_run.values():
             skipped = any(e.startswith("skipped") for r in reports.values() for e in r["errors"])
@@ -313,10 +222,8 @@ def test_beat_triggers_a_whole_run_end_to_end(
 
     reports = wait_until(first_run, 60, "the reports of the beat run", interval=0.2)
     # Only now: stopping beat while it publishes would lose the message it is sending.
-    processes.stop(beat)
-    wait_until(
-        lambda: not c.redis.client(DB).keys(names.LOCK_PREFIX + "*"), 30, "later runs to end"
-    )
+    c.procs.stop(beat)
+    wait_until(lambda: not c.locks(), 30, "later runs to end")
     events = watcher.events()
     watcher.close()
     (cp / "fritz" / "f0002").chmod(0o755)
@@ -376,49 +283,23 @@ def test_beat_triggers_a_whole_run_end_to_end(
             assert cluster in published and published[cluster] < i, f"{p} deleted before archive"
 
     # Nothing left behind: staging of the run removed, every cluster lock released.
-    assert list(c.staging.iterdir()) == []
-    assert c.redis.client(DB).keys(names.LOCK_PREFIX + "*") == []
-
-
-def _flower(processes: Processes, c: Cluster) -> tuple[str, tuple[str, str]]:
-    port = free_port()
-    flower = processes.start(
-        "flower",
-        [CELERY, "-A", "workers", "flower", "--address=127.0.0.1", f"--port={port}"],
-        {**c.env, "FLOWER_BASIC_AUTH": "tester:secret"},
-    )
-    base, auth = f"http://127.0.0.1:{port}", ("tester", "secret")
-
-    def up() -> bool:
-        if not flower.alive():
-            pytest.fail(f"flower exited:\n{flower.output()}")
-        try:
-            return requests.get(f"{base}/api/workers", auth=auth, timeout=2).ok
-        except requests.ConnectionError:
-            return False
-
-    wait_until(up, 30, "Flower to answer HTTP", interval=0.2)
-    # Flower sees tasks through events, which are not stored: make sure its event receiver
-    # is live (it lists a probe task) before the run whose tasks it must show.
-    app = make_test_app(c.broker)
-    probes: list[str] = []
-
-    def probed() -> bool:
-        tasks = requests.get(f"{base}/api/tasks", auth=auth, timeout=5).json()
-        if any(tasks.get(p, {}).get("state") == "SUCCESS" for p in probes):
-            return True
-        probes.append(app.send_task(names.DISCOVER, args=["flower-probe"]).id)
-        return False
-
-    wait_until(probed, 30, "Flower to see task events", interval=0.3)
-    app.close()
-    return base, auth
+    assert list(c.staging_dir.iterdir()) == []
+    assert c.locks() == []
 
 
 @pytest.mark.timeout(90)
-def test_cli_broker_run_shows_in_flower(celery_cluster: Cluster, processes: Processes) -> None:
+def test_cli_broker_run_shows_in_flower(celery_cluster: Deployment) -> None:
     c = celery_cluster
-    base, auth = _flower(processes, c)
+    auth = ("tester", "secret")
+    base = c.start_flower(auth)
+    assert c.flower is not None
+    try:
+        _run_shown_in_flower(c, base, auth)
+    finally:
+        c.procs.stop(c.flower)  # only this test needs it
+
+
+def _run_shown_in_flower(c: Deployment, base: str, auth: tuple[str, str]) -> None:
     files = {
         h: write_host(c.checkpoints, "woody", h, 40 + i) for i, h in enumerate(["w1", "w2", "w3"])
     }
@@ -432,7 +313,7 @@ def test_cli_broker_run_shows_in_flower(celery_cluster: Cluster, processes: Proc
     assert "submitting to redis://127.0.0.1" in done.stderr
     line = next(ln for ln in done.stdout.splitlines() if "woody" in ln)
     assert f"{len(expected):,}" in line
-    assert archive_rows(c.archive / "woody" / f"{cutoff}.parquet") == expected
+    assert archive_rows(c.archive_dir / "woody" / f"{cutoff}.parquet") == expected
     assert not any(p.exists() for ps in files.values() for p in ps)
 
     wanted = {
@@ -456,7 +337,7 @@ def test_cli_broker_run_shows_in_flower(celery_cluster: Cluster, processes: Proc
 
 
 @pytest.mark.timeout(60)
-def test_cli_failing_host_is_reported_and_kept_with_exit_1(celery_cluster: Cluster) -> None:
+def test_cli_failing_host_is_reported_and_kept_with_exit_1(celery_cluster: Deployment) -> None:
     c = celery_cluster
     good = write_host(c.checkpoints, "jupiter", "j0001", 50)
     bad = write_host(c.checkpoints, "jupiter", "broken1", 51)
@@ -470,12 +351,12 @@ def test_cli_failing_host_is_reported_and_kept_with_exit_1(celery_cluster: Clust
     line = next(ln for ln in done.stdout.splitlines() if "jupiter" in ln)
     # cluster, hosts, files archived, files deleted, kept (bad)
     assert [cell.strip() for cell in line.split("│")][:5] == ["jupiter", "2", "2", "2", "1"]
-    assert archive_rows(only_parquet(c.archive, "jupiter")) == expected
+    assert archive_rows(only_parquet(c.archive_dir, "jupiter")) == expected
     assert not any(p.exists() for p in good) and all(p.exists() for p in bad)
 
 
 @pytest.mark.timeout(60)
-def test_cli_delete_mode_deletes_only_expired_files(celery_cluster: Cluster) -> None:
+def test_cli_delete_mode_deletes_only_expired_files(celery_cluster: Deployment) -> None:
     c = celery_cluster
     files = write_host(c.checkpoints, "meggie", "m0001", 60) + write_host(
         c.checkpoints, "meggie", "m0002", 61
@@ -487,7 +368,7 @@ def test_cli_delete_mode_deletes_only_expired_files(celery_cluster: Cluster) -> 
     assert done.returncode == 0, done.stderr
     gone = {str(p.relative_to(c.checkpoints / "meggie")) for p in files}
     assert snapshot(c.checkpoints / "meggie") == {k: v for k, v in before.items() if k not in gone}
-    assert not (c.archive / "meggie").exists()
+    assert not (c.archive_dir / "meggie").exists()
     report = next(r for r in c.reports() if r["cluster"] == "meggie")
     assert (report["files_deleted"], report["bad"], report["errors"]) == (4, [], [])
 
@@ -498,13 +379,13 @@ def test_cli_delete_mode_deletes_only_expired_files(celery_cluster: Cluster) -> 
     ["load:read", "load:staged", "finalize:writing", "finalize:committed", "delete:partial"],
 )
 def test_a_worker_killed_mid_task_still_archives_every_value_once(
-    celery_cluster: Cluster, point: str
+    celery_cluster: Deployment, point: str
 ) -> None:
     c = celery_cluster
     cluster = "crash-" + point.replace(":", "-")
     files = {h: write_host(c.checkpoints, cluster, h, 70 + i) for i, h in enumerate(["c1", "c2"])}
     expected = expected_rows(files, cluster)
-    every_file = harness.expected_rows(c.checkpoints)  # the oracle's rows per file
+    every_file = helpers.rows_per_file(c.checkpoints)  # the oracle's rows per file
     before = snapshot(c.checkpoints)
     c.fault_file.write_text(point)  # the first worker process reaching `point` is SIGKILLed
 
@@ -512,25 +393,25 @@ def test_a_worker_killed_mid_task_still_archives_every_value_once(
 
     assert not c.fault_file.exists(), "the crash point was never reached"
     assert done.returncode == 0, done.stderr
-    assert archive_rows(only_parquet(c.archive, cluster)) == expected
+    assert archive_rows(only_parquet(c.archive_dir, cluster)) == expected
     assert not any(p.exists() for ps in files.values() for p in ps)
     # The whole invariant (SPEC §6), then once more after the next run: every value exactly
     # once, every other file untouched, every visible archive complete.
     damage = harness.measure(
-        c.checkpoints, str(c.archive), every_file, before, NOW - 3600, cluster=cluster
+        c.checkpoints, c.archive, every_file, before, NOW - 3600, cluster=cluster
     )
     assert damage.ok and damage.files_left == 0, damage
     nxt = c.cli("--cutoff", str(NOW - 3000), "--cluster", cluster)
     assert nxt.returncode == 0, nxt.stderr
     damage = harness.measure(
-        c.checkpoints, str(c.archive), every_file, before, NOW - 3000, cluster=cluster
+        c.checkpoints, c.archive, every_file, before, NOW - 3000, cluster=cluster
     )
     assert damage.ok and damage.files_left == 0, damage
 
 
 @pytest.mark.timeout(60)
 def test_cli_refuses_roots_the_workers_do_not_use_with_exit_2(
-    celery_cluster: Cluster, tmp_path: Path
+    celery_cluster: Deployment, tmp_path: Path
 ) -> None:
     done = celery_cluster.cli("--cutoff", "1", "--checkpoints", str(tmp_path))
     assert done.returncode == 2
@@ -538,7 +419,7 @@ def test_cli_refuses_roots_the_workers_do_not_use_with_exit_2(
 
 
 @pytest.mark.timeout(60)
-def test_cli_without_workers_exits_2(redis_server: RedisServer) -> None:
+def test_cli_without_workers_exits_2(redis_server: RedisInstance) -> None:
     env = clean_env(CCARCHIVE_BROKER_URL=redis_server.url(9))  # nobody listens on db 9
     done = subprocess.run(
         [CCARCHIVE, "archive", "--cutoff", "1"], env=env, capture_output=True, text=True, timeout=30
@@ -570,7 +451,7 @@ def test_a_run_lost_after_it_was_sent_exits_1_one_never_started_exits_2(
     monkeypatch.setattr(remote, "submit", fail)
     monkeypatch.setenv("CCARCHIVE_BROKER_URL", "redis://127.0.0.1:1/0")
     try:
-        got = cli_main(["archive", "--cutoff", "1", "--checkpoints", str(tmp_path)])
+        got = cli_main(archive_argv(tmp_path, cutoff=1))
     except SystemExit as stop:  # how usage errors leave (exit 2, one line)
         got = stop.code
     assert got == code
@@ -578,7 +459,7 @@ def test_a_run_lost_after_it_was_sent_exits_1_one_never_started_exits_2(
 
 
 @pytest.mark.timeout(60)
-def test_a_host_that_kills_its_worker_every_time_is_given_up(celery_cluster: Cluster) -> None:
+def test_a_host_that_kills_its_worker_every_time_is_given_up(celery_cluster: Deployment) -> None:
     c = celery_cluster
     files = write_host(c.checkpoints, "poison", "p1", 80)
     stop = threading.Event()
@@ -601,17 +482,19 @@ def test_a_host_that_kills_its_worker_every_time_is_given_up(celery_cluster: Clu
     assert done.returncode == 1, done.stderr
     assert "gave up after 3 attempts (worker lost)" in done.stderr
     assert all(p.exists() for p in files)
-    assert not (c.archive / "poison").exists() or list((c.archive / "poison").iterdir()) == []
+    assert (
+        not (c.archive_dir / "poison").exists() or list((c.archive_dir / "poison").iterdir()) == []
+    )
 
 
 @pytest.mark.timeout(60)
 def test_an_existing_archive_with_other_content_fails_finalize_and_keeps_files(
-    celery_cluster: Cluster,
+    celery_cluster: Deployment,
 ) -> None:
     c = celery_cluster
     cutoff = NOW - 3600
     files = write_host(c.checkpoints, "taken", "t1", 90)
-    existing = c.archive / "taken" / f"{cutoff}.parquet"
+    existing = c.archive_dir / "taken" / f"{cutoff}.parquet"
     existing.parent.mkdir()
     pq.write_table(pa.table({"x": [1, 2, 3]}), existing)
     content = existing.read_bytes()
@@ -622,12 +505,12 @@ def test_an_existing_archive_with_other_content_fails_finalize_and_keeps_files(
     assert "error: taken: archive not written, all files kept: ArchiveConflict" in done.stderr
     assert existing.read_bytes() == content
     assert all(p.exists() for p in files)
-    assert c.redis.client(DB).keys(names.LOCK_PREFIX + "*") == []
-    assert list(c.staging.iterdir()) == []
+    assert c.locks() == []
+    assert list(c.staging_dir.iterdir()) == []
 
 
 @pytest.mark.timeout(90)
-def test_cli_broker_unknown_cluster_is_usage_error(celery_cluster: Cluster) -> None:
+def test_cli_broker_unknown_cluster_is_usage_error(celery_cluster: Deployment) -> None:
     """`--cluster` naming a cluster no worker has: exit 2 and one line naming it, not a
     quiet "no clusters found" (a timer with that typo would never archive)."""
     done = celery_cluster.cli("--cutoff", str(NOW - 3600), "--cluster", "no-such-cluster")

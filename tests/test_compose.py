@@ -22,23 +22,21 @@ import pytest
 import requests
 import yaml
 
+from tests.distributed_harness import RedisInstance
 from tests.fixtures_redis import (
     CELERY,
     Processes,
-    RedisServer,
-    clean_env,
-    free_port,
     make_test_app,
     wait_for_workers,
     wait_until,
 )
+from tests.helpers import ROOT, clean_env, free_port
 from workers.distributed import names
 from workers.generate import Level, Metric, write_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-COMPOSE = REPO / "docker-compose.yml"
+COMPOSE = ROOT / "docker-compose.yml"
 # CI checks the repository out with ../shared beside it.
-SCHEMA = REPO.parent / "shared" / "schemas" / "compose-spec.json"
+SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
 DB = 2
 APP_SERVICES = {"worker", "worker-storage-a", "beat", "flower"}
 
@@ -114,9 +112,10 @@ def _host(checkpoints: Path, cluster: str, host: str, ts: int) -> Path:
     return path
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_app_services_start_as_local_processes(
-    redis_server: RedisServer, processes: Processes, tmp_path: Path
+    redis_server: RedisInstance, processes: Processes, tmp_path: Path
 ) -> None:
     redis_server.client(DB).flushdb()
     # What a user would put in .env: a short interval so beat's first run comes soon.
@@ -200,7 +199,7 @@ def test_dockerfile_installs_dependencies_before_copying_the_code(tmp_path: Path
     import sys
     import tomllib
 
-    text = (REPO / "Dockerfile").read_text().replace("\\\n", "")
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", "")
     steps = [ln for ln in text.splitlines() if re.match(r"(COPY|RUN) ", ln)]
     deps_run = next(i for i, ln in enumerate(steps) if "tomllib" in ln)
     assert [ln for ln in steps[:deps_run] if ln.startswith("COPY")] == ["COPY pyproject.toml ./"]
@@ -209,13 +208,13 @@ def test_dockerfile_installs_dependencies_before_copying_the_code(tmp_path: Path
     found = re.search(r'RUN python -c "(.*)"$', steps[deps_run])
     assert found is not None, steps[deps_run]
     code = found.group(1)
-    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     # The same code with pip replaced by printing its arguments.
     probe = code.replace("subprocess.check_call(", "print(")
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [*project["dependencies"], *project["optional-dependencies"]["flower"]]
     assert out.strip().endswith(repr(wanted)[1:]), out
 
@@ -229,18 +228,18 @@ def test_the_image_installs_every_package(tmp_path: Path) -> None:
 
     from setuptools import find_namespace_packages, find_packages
 
-    text = (REPO / "Dockerfile").read_text().replace("\\\n", "")
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", "")
     copied = [ln.split()[1] for ln in text.splitlines() if ln.startswith("COPY ")]
     for source in copied:
-        if (REPO / source).is_dir():  # as Docker copies it, caches and all
-            shutil.copytree(REPO / source, tmp_path / source)
-    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+        if (ROOT / source).is_dir():  # as Docker copies it, caches and all
+            shutil.copytree(ROOT / source, tmp_path / source)
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     finder = find_namespace_packages if find["find"].get("namespaces", True) else find_packages
     found = set(finder(str(tmp_path), include=find["find"]["include"]))
     packages = {
-        ".".join(init.parent.relative_to(REPO).parts)
+        ".".join(init.parent.relative_to(ROOT).parts)
         for top in ("workers", "beat")
-        for init in (REPO / top).rglob("__init__.py")
+        for init in (ROOT / top).rglob("__init__.py")
     }
     assert "workers.distributed" in packages
     assert found == packages

@@ -7,31 +7,20 @@ configured only by a cc-backend config must behave like cc-backend's own cleanup
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import level, metric, write_json
+from tests.helpers import clean_env, level, metric, write_json
 from workers.cli import main
 from workers.config import ConfigError, Settings, load_settings
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No CCARCHIVE_* from whoever runs the tests; the CLI's log level export is undone."""
-    for name in list(os.environ):
-        if name.startswith("CCARCHIVE_"):
-            monkeypatch.delenv(name)
-    # The CLI exports its log level for its pool processes: undo that afterwards.
-    monkeypatch.setenv("CCARCHIVE_LOG_LEVEL_INHERITED", "WARNING")
-    yield
+pytestmark = pytest.mark.usefixtures("clean_settings")
 
 
 def cc_backend_config(path: Path, section: dict[str, Any] | None = None) -> Path:
@@ -174,6 +163,7 @@ def test_invalid_value_names_key_and_source(
     assert "\n" not in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
@@ -203,7 +193,7 @@ def test_cli_config_errors_exit_2_with_one_line(
         (tmp_path / name).write_text(text)
     flag = "--cc-backend-config" if "config.json" in files else "--config"
     target = tmp_path / (next(iter(files)) if files else "missing.toml")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
+    env = clean_env()
     proc = subprocess.run(
         [sys.executable, "-m", "workers.cli", "archive", flag, str(target), "--cutoff", "1"],
         capture_output=True,
@@ -217,6 +207,7 @@ def test_cli_config_errors_exit_2_with_one_line(
     assert expected in lines[0]
 
 
+@pytest.mark.slow
 def test_archive_configured_only_by_cc_backend_config(tmp_path: Path) -> None:
     """Same behaviour as cc-backend's cleanup: files older than now - retention-in-memory
     go into <cleanup.directory>/<cluster>/<T>.parquet and are deleted; newer ones stay."""

@@ -10,7 +10,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.fixtures_redis import CCARCHIVE, CELERY, RedisServer, clean_env, free_port
+import pytest
+
+from tests.distributed_harness import RedisInstance
+from tests.fixtures_redis import CCARCHIVE, CELERY
+from tests.helpers import archive_argv, clean_env, free_port
+
+pytestmark = [pytest.mark.distributed]
 
 #: Generous: interpreter start-up plus the 2 s connect timeout, on a loaded machine.
 HANG_BOUND = 30.0
@@ -27,9 +33,9 @@ def _run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, list[str
 
 def _archive(url: str, tmp_path: Path) -> tuple[int, list[str], float]:
     (tmp_path / "cp").mkdir(exist_ok=True)
-    argv = [CCARCHIVE, "archive", "--broker", url, "--checkpoints", "cp", "--archive", "ar"]
+    argv = [CCARCHIVE, *archive_argv("cp", "ar", 1000), "--broker", url]
     env = clean_env(CCARCHIVE_CONNECT_TIMEOUT="2s")
-    return _run([*argv, "--cutoff", "1000"], env, tmp_path)
+    return _run(argv, env, tmp_path)
 
 
 def test_closed_port_is_one_line_within_the_timeout(tmp_path: Path) -> None:
@@ -44,7 +50,7 @@ def test_closed_port_is_one_line_within_the_timeout(tmp_path: Path) -> None:
 
 
 def test_tls_url_to_plaintext_redis_is_one_line_within_the_timeout(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisInstance, tmp_path: Path
 ) -> None:
     url = f"rediss://127.0.0.1:{redis_server.port}/0"
     code, lines, seconds = _archive(url, tmp_path)
@@ -56,7 +62,7 @@ def test_tls_url_to_plaintext_redis_is_one_line_within_the_timeout(
 
 
 def test_worker_and_beat_stop_on_a_tls_url_to_plaintext_redis(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisInstance, tmp_path: Path
 ) -> None:
     url = f"rediss://127.0.0.1:{redis_server.port}/0"
     env = clean_env(CCARCHIVE_BROKER_URL=url, CCARCHIVE_CONNECT_TIMEOUT="2s")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
 from workers.config import Settings, load_settings, read_toml_config
 
-ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "contrib" / "systemd"
 TOML = ROOT / "contrib" / "ccarchive.toml"
 

@@ -33,13 +33,13 @@ import numpy as np
 import pytest
 
 from tests.distributed_harness import Deployment
-from tests.fixtures_redis import clean_env, drop_dac_prefix, wait_until, worker_argv
-from tests.helpers import archive_argv, archive_rows, snapshot
+from tests.fixtures_redis import drop_dac_prefix, wait_until, worker_argv
+from tests.helpers import archive_argv, archive_rows, clean_env, snapshot
 from workers import metrics, sink
 from workers.generate import Level, Metric, write_checkpoint
 from workers.locks import DirectoryLock
 
-pytestmark = [pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.distributed, pytest.mark.slow]
 
 CUTOFF = 2_000_000
 LATER = 2_100_000

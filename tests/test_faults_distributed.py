@@ -38,19 +38,17 @@ from tests.distributed_harness import (
     CUTOFF,
     Deployment,
     big_tree,
-    expected_rows,
     make_tls_files,
     measure,
-    random_tree,
 )
-from tests.fixtures_redis import CCARCHIVE, clean_env, wait_until
+from tests.fixtures_redis import CCARCHIVE, wait_until
 from tests.fixtures_s3 import KEY_ID, S3Bucket, S3Proxy
-from tests.helpers import archive_argv, snapshot
+from tests.helpers import archive_argv, clean_env, random_tree, rows_per_file, snapshot
 from workers.distributed import names
 from workers.generate import Level, Metric, write_checkpoint
 from workers.locks import DirectoryLock
 
-pytestmark = [pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 Factory = Callable[..., Deployment]
 
@@ -75,7 +73,7 @@ def deployment(tmp_path: Path) -> Iterator[Factory]:
 def tree(d: Deployment, seed: int) -> tuple[dict[str, Any], dict[str, bytes | None]]:
     """A random tree in the deployment's checkpoints: expected rows and the snapshot."""
     random_tree(d.checkpoints, random.Random(seed))
-    return expected_rows(d.checkpoints), snapshot(d.checkpoints)
+    return rows_per_file(d.checkpoints), snapshot(d.checkpoints)
 
 
 def assert_recovered(d: Deployment, expected: dict[str, Any], before: dict[str, Any]) -> None:
@@ -208,7 +206,7 @@ def test_a_finalize_delivered_twice_runs_next_to_itself_and_both_succeed(
         start = 1_000_000 + 600 * i
         level = Level({"m": Metric(60, start, np.arange(50.0) + i)})
         write_checkpoint(d.checkpoints / "tw" / host / f"{start}.json", level, start, start + 3000)
-    expected, before = expected_rows(d.checkpoints), snapshot(d.checkpoints)
+    expected, before = rows_per_file(d.checkpoints), snapshot(d.checkpoints)
     d.start_workers()
     d.arm("stall finalize:writing")  # the first copy stops after host h0's row group
     launched = d.result(d.result(d.send_plan(CUTOFF))["launch"])
@@ -297,7 +295,7 @@ def stalled_big_run(
     """Expected rows, snapshot and the CLI of a run on `big_tree`, stalled while writing
     the archive after its first row group (on S3: one 5 MiB upload part stored)."""
     big_tree(d.checkpoints)
-    expected, before = expected_rows(d.checkpoints), snapshot(d.checkpoints)
+    expected, before = rows_per_file(d.checkpoints), snapshot(d.checkpoints)
     d.start_workers()
     d.arm("stall finalize:writing")
     run = d.cli_async("--cutoff", str(CUTOFF))
@@ -305,6 +303,7 @@ def stalled_big_run(
     return expected, before, run
 
 
+@pytest.mark.s3
 @pytest.mark.timeout(180)
 def test_s3_outage_mid_upload_fails_finalize_then_next_run_archives(
     deployment: Factory, s3_bucket: S3Bucket, s3_proxy: S3Proxy
@@ -336,6 +335,7 @@ def test_s3_outage_mid_upload_fails_finalize_then_next_run_archives(
     assert s3_bucket.pending_uploads() == []
 
 
+@pytest.mark.s3
 @pytest.mark.timeout(180)
 def test_s3_outage_shorter_than_the_retries_the_run_succeeds(
     deployment: Factory, s3_bucket: S3Bucket, s3_proxy: S3Proxy
@@ -647,6 +647,7 @@ def all_redis_values(d: Deployment) -> str:
     return "\n".join(out)
 
 
+@pytest.mark.s3
 @pytest.mark.timeout(180)
 def test_password_redis_and_s3_credentials_never_in_logs_messages_or_flower(
     deployment: Factory, s3_bucket: S3Bucket, s3_proxy: S3Proxy

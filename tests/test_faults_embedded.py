@@ -14,63 +14,39 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.helpers import Row, archive_argv, archive_rows, oracle_rows, snapshot
+from tests.helpers import (
+    Row,
+    archive_argv,
+    archive_rows,
+    clean_env,
+    rows_per_file,
+    run_cli,
+    snapshot,
+    write_tree,
+)
 from workers.faults import POINTS
-from workers.generate import Level, Metric, write_checkpoint
 from workers.locks import DirectoryLock
+
+pytestmark = [pytest.mark.slow]
 
 CUTOFF = 5_000_000
 
 
 def make_tree(root: Path, seed: int = 0) -> None:
     """2 clusters x 3 hosts x 2 files (JSON and binary), a few hundred values each."""
-    rng = np.random.default_rng(seed)
-    for cluster in ("alpha", "beta"):
-        for h in range(3):
-            for k, fmt in enumerate(("json", "bin")):
-                start = 1_000_000 + k * 6000
-                values = np.round(rng.random(100) * 100, 1)
-                values[rng.random(100) < 0.1] = np.nan
-                lv = Level(
-                    {"load": Metric(60, start, values)},
-                    {
-                        f"socket{s}": Level({"power": Metric(60, start, values[::-1] + s)})
-                        for s in range(2)
-                    },
-                )
-                write_checkpoint(
-                    root / cluster / f"h{h}" / f"{start}.{fmt}", lv, start, start + 6000, fmt=fmt
-                )
-
-
-def files_with_rows(root: Path) -> dict[str, list[Row]]:
-    """Every checkpoint file (relative path) with its expected rows."""
-    out: dict[str, list[Row]] = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix in (".json", ".bin"):
-            cluster, host = p.parent.parent.name, p.parent.name
-            out[str(p.relative_to(root))] = oracle_rows(cluster, host, p)
-    return out
+    write_tree(root, hosts=3, seed=seed, nan=0.1)
 
 
 def ccarchive(
     cp: Path, archive: Path, cutoff: int, workers: int, fault: Path | None = None, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """Run the real CLI in a subprocess (so a crash kills only it)."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    full_env.update(env)
+    full_env = clean_env(**env)
     if fault is not None:
         full_env["CCARCHIVE_FAULT_FILE"] = str(fault)
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *archive_argv(cp, archive, cutoff, workers)],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=120,
-    )
+    return run_cli(archive_argv(cp, archive, cutoff, workers), full_env)
 
 
 def assert_exactly_once(
@@ -105,7 +81,7 @@ def assert_exactly_once(
 def test_crash_then_recover(tmp_path: Path, point: str, workers: int) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     make_tree(cp)
-    expected = files_with_rows(cp)
+    expected = rows_per_file(cp)
     before = snapshot(cp)
     fault = tmp_path / "fault"
     fault.write_text(point)
@@ -129,7 +105,7 @@ def test_crash_then_recover(tmp_path: Path, point: str, workers: int) -> None:
 def test_crash_after_commit_same_cutoff_rerun(tmp_path: Path) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     make_tree(cp)
-    expected, before = files_with_rows(cp), snapshot(cp)
+    expected, before = rows_per_file(cp), snapshot(cp)
     fault = tmp_path / "fault"
     fault.write_text("finalize:committed")
     assert ccarchive(cp, archive, CUTOFF, 1, fault).returncode != 0
@@ -205,24 +181,12 @@ def test_a_locked_cluster_is_skipped_and_untouched(tmp_path: Path) -> None:
 def test_two_runs_at_once_archive_each_file_once(tmp_path: Path) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     make_tree(cp)
-    expected, before = files_with_rows(cp), snapshot(cp)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "workers.cli",
-        "archive",
-        "--checkpoints",
-        str(cp),
-        "--archive",
-        str(archive),
-        "--workers",
-        "1",
-        "--cutoff",
-    ]
+    expected, before = rows_per_file(cp), snapshot(cp)
+    env = clean_env()
+    cmd = [sys.executable, "-m", "workers.cli"]
     procs = [
         subprocess.Popen(
-            [*cmd, str(CUTOFF + i)],
+            [*cmd, *archive_argv(cp, archive, CUTOFF + i, 1)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -351,6 +351,7 @@ def test_tree_layout_and_summary(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_tree_is_deterministic(tmp_path: Path) -> None:
     args = {"clusters": ["c1"], "hosts": 2, "samples": 20, "start": 3600, "fmt": "mixed"}
     a = generate_tree(tmp_path / "a", seed=5, **args)
@@ -410,6 +411,7 @@ def written_digits(token: bytes) -> int:
     return len(token.lstrip(b"-").replace(b".", b"").strip(b"0"))
 
 
+@pytest.mark.slow
 def test_hourly_shape(tmp_path: Path) -> None:
     s = generate_tree(
         tmp_path, ["c"], 3, files_per_host=4, fmt="mixed", samples=60, start=0, shape="hourly"

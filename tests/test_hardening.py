@@ -210,6 +210,7 @@ def dead_upload(bucket: S3Bucket, key: str) -> None:
     out.write(b"x" * 6 * MiB)  # the first part goes up; nobody ever completes or aborts
 
 
+@pytest.mark.s3
 def test_sweep_staging_on_s3_removes_old_runs_and_aborts_orphaned_uploads(
     s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -250,6 +251,7 @@ def test_sweep_staging_on_s3_removes_old_runs_and_aborts_orphaned_uploads(
     )
 
 
+@pytest.mark.s3
 def test_recovery_aborts_an_old_upload_of_an_archive_no_run_writes_again(
     s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

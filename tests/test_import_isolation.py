@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fixtures_redis import clean_env
+from tests.helpers import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("celery", "kombu", "redis", "rich")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 
@@ -47,3 +47,21 @@ def test_demo_installs_runtime_only_and_test_adds_extras(tmp_path: Path) -> None
     later = time.time() + 5  # pyproject.toml changes: both levels re-install
     os.utime(tmp_path / "pyproject.toml", (later, later))
     assert len(plan(tmp_path, "demo")) == 1 and len(plan(tmp_path, "test")) == 2
+
+
+def test_test_fast_leaves_out_servers_and_slow_tests(tmp_path: Path) -> None:
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / ".installed-runtime").touch()
+    (tmp_path / ".venv" / ".installed-test").touch()
+    out = subprocess.run(
+        ["make", "-n", "test-fast"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == [
+        '.venv/bin/python -m pytest tests -q -m "not distributed and not s3 and not slow"'
+    ]
+    full = subprocess.run(
+        ["make", "-n", "test"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    assert ".venv/bin/python -m pytest tests\n" in full  # `make test`: every test, no -m

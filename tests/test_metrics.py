@@ -7,7 +7,6 @@ process-wide registry, so every check compares a value before and after a run.
 
 from __future__ import annotations
 
-import os
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -19,8 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures_s3 import free_port
-from tests.helpers import level, metric, write_json
+from tests.helpers import archive_argv, free_port, level, metric, write_json
 from workers import metrics
 from workers.cli import main
 from workers.distributed import names
@@ -29,12 +27,8 @@ from workers.manifest import BadFile, ClusterReport
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def no_metrics_left(clean_settings: pytest.MonkeyPatch) -> Iterator[None]:
     """No CCARCHIVE_* of whoever runs the tests; no metrics server or textfile left over."""
-    for name in list(os.environ):
-        if name.startswith("CCARCHIVE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("CCARCHIVE_LOG_LEVEL_INHERITED", "WARNING")
     yield
     metrics.stop()
     metrics.set_textfile(None)
@@ -70,6 +64,7 @@ def tree(cp: Path, cluster: str, bad: bool = False) -> int:
     return 2 * 2 * 3
 
 
+@pytest.mark.slow
 def test_endpoint_scraped_during_a_cli_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     rows = tree(cp, "m-ok") + tree(cp, "m-bad", bad=True)
@@ -94,7 +89,7 @@ def test_endpoint_scraped_during_a_cli_run(tmp_path: Path, monkeypatch: pytest.M
         scrapes.append(scrape(f"http://127.0.0.1:{port}/metrics"))
 
     monkeypatch.setattr(metrics, "observe_cluster", observe_and_scrape)
-    code = main(["archive", "--checkpoints", str(cp), "--archive", str(archive), "--cutoff", "250"])
+    code = main(archive_argv(cp, archive, 250))
     assert code == 1  # m-bad's 150.json is reported and kept
     assert len(scrapes) == 2
     last = scrapes[-1]
@@ -123,7 +118,7 @@ def test_failed_run_is_not_a_success(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CCARCHIVE_METRICS_TEXTFILE", str(textfile))
     errors0 = value("ccarchive_runs_total", cluster="m-conflict", outcome="error")
 
-    code = main(["archive", "--checkpoints", str(cp), "--archive", str(archive), "--cutoff", "250"])
+    code = main(archive_argv(cp, archive, 250))
 
     assert code == 1
     assert value("ccarchive_runs_total", cluster="m-conflict", outcome="error") == errors0 + 1
@@ -211,19 +206,7 @@ def test_every_log_line_names_run_cluster_and_host(
     (cp / "logc" / "h7" / "150.json").write_text("[1, 2")  # logged by load_host
     monkeypatch.setenv("CCARCHIVE_LOG_LEVEL", "INFO")
     try:
-        code = main(
-            [
-                "archive",
-                "--checkpoints",
-                str(cp),
-                "--archive",
-                str(archive),
-                "--cutoff",
-                "200",
-                "--workers",
-                workers,
-            ]
-        )
+        code = main(archive_argv(cp, archive, 200, workers))
     finally:
         setup_logging("WARNING")  # the test process's logging as it was
     assert code == 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,14 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests import helpers
 from tests.fixtures_redis import drop_dac_prefix
 from tests.fixtures_s3 import S3Bucket
-from tests.helpers import Row, level, metric, oracle_rows, sort_key, write_json
+from tests.helpers import (
+    Row,
+    archive_argv,
+    clean_env,
+    drop_settings_env,
+    full_key,
+    level,
+    metric,
+    oracle_rows,
+    sort_key,
+    table_rows,
+    write_json,
+)
 from workers import query
 from workers.cli import main
 
@@ -87,12 +97,9 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
             (path.name, path.stat().st_size)
         )
     h1_2000 = files["fritz", "h1", 2000].read_bytes()
-    argv = ["archive", "--checkpoints", str(cp), "--archive", str(archive), "--config", str(config)]
+    argv = [*archive_argv(cp, archive), "--config", str(config)]
     with pytest.MonkeyPatch.context() as mp:
-        for name in list(os.environ):
-            if name.startswith("CCARCHIVE_"):
-                mp.delenv(name)
-        mp.setenv("CCARCHIVE_LOG_LEVEL_INHERITED", "WARNING")
+        drop_settings_env(mp)
         code = main([*argv, "--cutoff", str(CUTOFFS[0])])
         assert code == 1  # abc.json is reported every time
     # The second run cannot delete h1's files (its directory is read-only to a process
@@ -102,7 +109,7 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
     assert prefix is not None, "setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE"
     (cp / "fritz" / "h1").chmod(0o555)
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
+        env = clean_env()
         second = subprocess.run(
             [*prefix, sys.executable, "-m", "workers.cli", *argv, "--cutoff", str(CUTOFFS[1])],
             env=env,
@@ -119,13 +126,7 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
     yield Archived(root, cp, archive, archive / "_runs", config, rows, sources, h1_2000)
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No CCARCHIVE_* settings of whoever runs the tests."""
-    for name in list(os.environ):
-        if name.startswith("CCARCHIVE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("CCARCHIVE_LOG_LEVEL_INHERITED", "WARNING")
+pytestmark = pytest.mark.usefixtures("clean_settings")
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -138,22 +139,10 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def full_key(row: Row) -> tuple[Any, ...]:
-    """SPEC order, then every other column: a total order for comparing row sets."""
-    return (*sort_key(row), row[6], row[7])
-
-
-def table_rows(table: pa.Table) -> list[Row]:
-    """Rows of an Arrow table, values as float32 bit patterns."""
-    bits = table.column("value").to_numpy().view(np.uint32).tolist()
-    names = ("cluster", "hostname", "metric", "scope", "scope_id", "timestamp", "frequency")
-    cols = [table.column(c).to_pylist() for c in names]
-    return [(*vals, b) for *vals, b in zip(*cols, bits, strict=True)]  # type: ignore[misc]
-
-
 # --- status -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_status_json(archived: Archived, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(
         capsys,
@@ -239,15 +228,13 @@ def test_status_text_and_unconfigured_checkpoints(
     assert "last run: " in out and " reported (archive, cutoff 2500" in out
 
 
+@pytest.mark.slow
 def test_status_is_clean_after_a_clean_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     write_json(cp / "c" / "h" / "100.json", level({"m": metric([1.0, 2.0])}))
-    assert (
-        main(["archive", "--checkpoints", str(cp), "--archive", str(archive), "--cutoff", "200"])
-        == 0
-    )
+    assert main(archive_argv(cp, archive, 200)) == 0
     capsys.readouterr()  # the archive summary
     code, out, _ = run(
         capsys, "status", "--archive", str(archive), "--checkpoints", str(cp), "--json"
@@ -465,6 +452,7 @@ def test_query_usage_errors(archived: Archived, capsys: pytest.CaptureFixture[st
 # --- S3 -----------------------------------------------------------------------------------
 
 
+@pytest.mark.s3
 def test_status_inspect_query_on_s3(
     s3_bucket: S3Bucket, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -473,26 +461,8 @@ def test_status_inspect_query_on_s3(
     archive = f"{s3_bucket.url}/archive"
     config = tmp_path / "c.toml"
     config.write_text(f'run_log = "{archive}/_runs"\nworkers = 1\n')
-    rows = sorted(
-        (r for (c, h, ts), p in files.items() if ts <= 1500 for r in oracle_rows(c, h, p)),
-        key=full_key,
-    )
-    assert (
-        main(
-            [
-                "archive",
-                "--checkpoints",
-                str(cp),
-                "--archive",
-                archive,
-                "--cutoff",
-                "1500",
-                "--config",
-                str(config),
-            ]
-        )
-        == 1
-    )
+    rows = helpers.expected_rows((p for (_, _, ts), p in files.items() if ts <= 1500), full_key)
+    assert main([*archive_argv(cp, archive, 1500), "--config", str(config)]) == 1
     capsys.readouterr()
 
     code, out, _ = run(capsys, "status", "--archive", archive, "--config", str(config), "--json")
@@ -535,9 +505,7 @@ def test_status_of_delete_mode_from_run_records_only(
     write_json(cp / "c" / "h" / "100.json", level({"m": metric([1.0])}))
     config = tmp_path / "c.toml"
     config.write_text(f'run_log = "{runs}"\nmode = "delete"\n')
-    assert (
-        main(["archive", "--checkpoints", str(cp), "--cutoff", "200", "--config", str(config)]) == 0
-    )
+    assert main([*archive_argv(cp, cutoff=200), "--config", str(config)]) == 0
     capsys.readouterr()
     code, out, _ = run(capsys, "status", "--config", str(config), "--json")
     assert code == 0

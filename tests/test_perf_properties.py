@@ -415,6 +415,7 @@ def _random_document(rnd: random.Random) -> bytes:
     return text.encode()
 
 
+@pytest.mark.slow
 def test_fast_reader_agrees_with_the_general_reader() -> None:
     rnd = random.Random(5)
     taken = declined = 0
@@ -565,6 +566,7 @@ def _random_binary(rnd: random.Random) -> bytes:
     return data
 
 
+@pytest.mark.slow
 def test_fast_binary_reader_agrees_with_the_checked_one() -> None:
     rnd = random.Random(9)
     rng = np.random.default_rng(9)

@@ -6,30 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import pytest
+
+from tests.helpers import archive_argv, clean_env, run_cli
 from workers.dryrun import rows_estimate
 from workers.locks import DirectoryLock
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def ccarchive(*argv: str) -> subprocess.CompletedProcess[str]:
     """The CLI from this worktree, with no CCARCHIVE_* setting from outside."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CCARCHIVE_")}
-    env.update(PYTHONPATH=str(ROOT), COLUMNS="200")
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cli(argv, clean_env(COLUMNS="200"))
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
@@ -42,6 +32,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_plan_lists_what_the_run_would_take_and_keep_and_changes_nothing(tmp_path: Path) -> None:
     cp, ar = tmp_path / "cp", tmp_path / "ar"
     gen = ccarchive(
@@ -56,17 +47,7 @@ def test_plan_lists_what_the_run_would_take_and_keep_and_changes_nothing(tmp_pat
     old = next(f for f in hosts[0].iterdir() if int(f.stem) == first)
     saved = tmp_path / "saved"
     shutil.copy2(old, saved)
-    done = ccarchive(
-        "archive",
-        "--checkpoints",
-        str(cp),
-        "--archive",
-        str(ar),
-        "--cutoff",
-        str(first),
-        "--workers",
-        "1",
-    )
+    done = ccarchive(*archive_argv(cp, ar, first, 1))
     assert done.returncode == 0, done.stderr
     assert not old.exists()
     shutil.copy2(saved, old)
@@ -117,6 +98,7 @@ def test_plan_lists_what_the_run_would_take_and_keep_and_changes_nothing(tmp_pat
     assert snapshot(ar) == archive
 
 
+@pytest.mark.slow
 def test_plan_reports_a_locked_cluster_and_takes_nothing_from_it(tmp_path: Path) -> None:
     cp = tmp_path / "cp"
     assert (

@@ -16,15 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed_harness import RedisInstance
 from tests.fixtures_redis import (
     CCARCHIVE,
     Processes,
-    RedisServer,
-    clean_env,
     make_test_app,
     wait_for_workers,
     worker_argv,
 )
+from tests.helpers import clean_env
+
+pytestmark = [pytest.mark.distributed]
 
 DB = 11
 ROUTES = {"fritz": "storage-a"}
@@ -32,7 +34,7 @@ ROUTES = {"fritz": "storage-a"}
 
 @dataclass
 class Setup:
-    redis: RedisServer
+    redis: RedisInstance
     checkpoints: Path
     archive: Path
     env: dict[str, str]
@@ -40,7 +42,7 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def default_only(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    redis_server: RedisInstance, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Setup]:
     """A worker on the default queue only, with routes that send fritz to storage-a."""
     root = tmp_path_factory.mktemp("queues")

@@ -16,8 +16,11 @@ import redis
 from celery.app.task import Context
 from celery.backends.redis import RedisBackend
 
-from tests.fixtures_redis import RedisServer, make_test_app
+from tests.distributed_harness import RedisInstance
+from tests.fixtures_redis import make_test_app
 from workers.distributed.backend import RedisResults
+
+pytestmark = [pytest.mark.distributed]
 
 DB = 11  # this module's Redis database
 
@@ -39,7 +42,7 @@ def queued_callbacks(client: redis.Redis, queue: str) -> list[str]:
 
 
 def test_a_chord_member_finishing_while_redis_is_away_does_not_break_the_chord(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = redis_server.client(DB)
     client.flushdb()
@@ -77,7 +80,7 @@ def test_a_chord_member_finishing_while_redis_is_away_does_not_break_the_chord(
 
 
 def test_a_chord_member_counted_twice_after_a_lost_reply_is_counted_once(
-    redis_server: RedisServer,
+    redis_server: RedisInstance,
 ) -> None:
     """The retry is safe because Celery's chord script records each member once: repeating
     the step for a member whose first attempt did reach Redis changes nothing."""

@@ -11,44 +11,34 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.helpers import archive_argv
+from tests import helpers
+from tests.helpers import archive_argv, clean_env, run_cli, write_tree
 from workers import runlog
 from workers.config import default_run_log, load_settings, location_id
-from workers.generate import Level, Metric, write_checkpoint
 from workers.manifest import ClusterReport
 
-WORKTREE = Path(__file__).resolve().parents[1]
 CUTOFF = 5_000_000
 
 
 def make_tree(root: Path, clusters: tuple[str, ...] = ("alpha",), hosts: int = 2) -> None:
     """Small checkpoint files, all older than CUTOFF."""
-    rng = np.random.default_rng(3)
-    for cluster in clusters:
-        for h in range(hosts):
-            start = 1_000_000
-            lv = Level({"load": Metric(60, start, np.round(rng.random(30) * 100, 1))})
-            write_checkpoint(root / cluster / f"h{h}" / f"{start}.json", lv, start, start + 1800)
+    write_tree(root, clusters, hosts, seed=3, formats=("json",), values=30, sockets=0)
 
 
 def env_for(tmp: Path, **extra: str) -> dict[str, str]:
     """A `ccarchive` subprocess's environment: this worktree, no CCARCHIVE_*/state leaking in."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CCARCHIVE_") and k not in ("STATE_DIRECTORY", "XDG_STATE_HOME")
-    }
-    env.update(PYTHONPATH=str(WORKTREE), TMPDIR=str(tmp), HOME=str(tmp / "home"), **extra)
+    env = clean_env(TMPDIR=str(tmp), HOME=str(tmp / "home"), **extra)
+    for name in ("STATE_DIRECTORY", "XDG_STATE_HOME"):
+        if name not in extra:
+            env.pop(name, None)
     return env
 
 
@@ -56,14 +46,7 @@ def cli(
     args: list[str], env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run `ccarchive <args>` to the end."""
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=120,
-    )
+    return run_cli(args, env, cwd=cwd)
 
 
 def status_json(env: dict[str, str], archive: Path) -> tuple[int, dict[str, dict]]:
@@ -110,6 +93,7 @@ def test_state_directory_then_xdg_then_home(
     assert run_log is not None and run_log.startswith(f"{tmp_path}/home/.local/state/ccarchive/")
 
 
+@pytest.mark.slow
 def test_relative_and_absolute_archive_share_records(tmp_path: Path) -> None:
     make_tree(tmp_path / "ck")
     env = env_for(tmp_path, STATE_DIRECTORY=str(tmp_path / "state"))
@@ -122,6 +106,7 @@ def test_relative_and_absolute_archive_share_records(tmp_path: Path) -> None:
     assert json.loads(record.read_text())["run_id"] == clusters["alpha"]["last_run"]["run_id"]
 
 
+@pytest.mark.slow
 def test_an_unwritable_home_is_one_clear_warning(tmp_path: Path) -> None:
     make_tree(tmp_path / "ck", clusters=("alpha", "beta"))
     (tmp_path / "home").write_text("a file, not a directory: no ~/.local/state below it")
@@ -136,34 +121,15 @@ def test_an_unwritable_home_is_one_clear_warning(tmp_path: Path) -> None:
 # --- runs that do not end normally ----------------------------------------------------------
 
 
-def start_stalled(
+def stalled(
     tmp: Path, env: dict[str, str], workers: int
-) -> tuple[subprocess.Popen[str], Path]:
-    """An embedded run held after its first staged chunk; returned once it is held."""
-    fault = tmp / "fault"
-    fault.write_text("stall load:staged")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            *archive_argv(tmp / "ck", tmp / "arc", CUTOFF, workers),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**env, "CCARCHIVE_FAULT_FILE": str(fault)},
-    )
-    stalled = Path(f"{fault}.stalled")
-    deadline = time.monotonic() + 90
-    while not stalled.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"the run did not stall: {proc.communicate()}")
-        time.sleep(0.05)
-    return proc, stalled
+) -> AbstractContextManager[subprocess.Popen[str]]:
+    """An embedded run held after its first staged chunk, given once it is held."""
+    argv = archive_argv(tmp / "ck", tmp / "arc", CUTOFF, workers)
+    return helpers.stalled_run(argv, env, tmp / "fault")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signo", "workers"), [(signal.SIGTERM, 1), (signal.SIGINT, 2)])
 def test_an_interrupted_run_is_recorded(
     tmp_path: Path, signo: signal.Signals, workers: int
@@ -174,16 +140,11 @@ def test_an_interrupted_run_is_recorded(
     code, clusters = status_json(env, tmp_path / "arc")
     assert clusters["alpha"]["last_run"]["outcome"] == "ok"  # a previous run, clean
 
-    proc, stalled = start_stalled(tmp_path, env, workers)
-    try:
+    with stalled(tmp_path, env, workers) as proc:
         [start] = (tmp_path / "state" / "runs").glob("*/alpha/*.started.json")
         assert json.loads(start.read_text())["outcome"] == "unfinished"
         proc.send_signal(signo)
         _, err = proc.communicate(timeout=60)
-    finally:
-        stalled.unlink(missing_ok=True)
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 128 + signo, err
 
     code, clusters = status_json(env, tmp_path / "arc")
@@ -196,15 +157,13 @@ def test_an_interrupted_run_is_recorded(
     assert text.returncode == 1 and " interrupted (archive, cutoff 5000000" in text.stdout
 
 
+@pytest.mark.slow
 def test_a_killed_run_shows_as_unfinished_until_a_later_run(tmp_path: Path) -> None:
     make_tree(tmp_path / "ck")
     env = env_for(tmp_path, STATE_DIRECTORY=str(tmp_path / "state"))
-    proc, stalled = start_stalled(tmp_path, env, 1)
-    try:
+    with stalled(tmp_path, env, 1) as proc:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-    finally:
-        stalled.unlink(missing_ok=True)
 
     code, clusters = status_json(env, tmp_path / "arc")
     last = clusters["alpha"]["last_run"]

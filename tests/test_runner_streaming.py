@@ -14,43 +14,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from tests.fixtures_redis import CCARCHIVE, clean_env, drop_dac_prefix
-from tests.helpers import archive_argv, archive_rows, oracle_rows, snapshot, sort_key
+from tests import helpers
+from tests.fixtures_redis import CCARCHIVE, drop_dac_prefix
+from tests.helpers import (
+    archive_argv,
+    archive_rows,
+    clean_env,
+    expected_rows,
+    full_key,
+    snapshot,
+    sort_key,
+)
 from workers import runner, steps
-from workers.generate import Level, Metric, write_checkpoint
 
 CUTOFF = 100_000_000
 
 
 def write_host(root: Path, cluster: str, host: str, values: int, seed: int) -> list[Path]:
     """One JSON and one binary file for `host`, `values` values per series."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for k, fmt in enumerate(("json", "bin")):
-        start = 1_000_000 + k * 60 * values
-        data = np.round(rng.random(values) * 100, 1)
-        data[rng.random(values) < 0.05] = np.nan
-        lv = Level(
-            {"load": Metric(60, start, data)},
-            {f"socket{s}": Level({"power": Metric(60, start, data + s)}) for s in range(2)},
-        )
-        path = root / cluster / host / f"{start}.{fmt}"
-        write_checkpoint(path, lv, start, start + 60 * values, fmt=fmt)
-        paths.append(path)
-    return paths
+    return helpers.write_host(root, cluster, host, seed, values=values, nan=0.05)
 
 
 def expected(cluster: str, host: str, paths: list[Path]) -> list[Any]:
-    return sorted((r for p in paths for r in oracle_rows(cluster, host, p)), key=row_order)
+    return expected_rows(paths, key=full_key)
 
 
-def row_order(row: Any) -> Any:
-    return (row[0], *sort_key(row), row[6], row[7])
-
-
+@pytest.mark.slow
 def test_finalize_writes_the_first_hosts_before_the_last_is_loaded(tmp_path: Path) -> None:
     """The progress callback of the last load to finish holds the runner's main thread
     (which feeds the finalize thread) until the cluster's temporary Parquet file exists.
@@ -60,7 +51,7 @@ def test_finalize_writes_the_first_hosts_before_the_last_is_loaded(tmp_path: Pat
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     sizes = {"h0": 10, "h1": 20, "h2": 20, "h3": 200_000}
     files = {h: write_host(cp, "c", h, n, i) for i, (h, n) in enumerate(sizes.items())}
-    want = sorted((r for h, p in files.items() for r in expected("c", h, p)), key=row_order)
+    want = sorted((r for h, p in files.items() for r in expected("c", h, p)), key=full_key)
     loaded: list[str] = []
     partial_seen = threading.Event()
 
@@ -85,11 +76,12 @@ def test_finalize_writes_the_first_hosts_before_the_last_is_loaded(tmp_path: Pat
     assert report.ok and report.files_archived == 8 and report.files_deleted == 8
     rows = archive_rows(archive / "c" / f"{CUTOFF}.parquet")
     assert rows == sorted(rows, key=sort_key)
-    assert sorted(rows, key=row_order) == want
+    assert sorted(rows, key=full_key) == want
     assert list(cp.rglob("*.json")) == list(cp.rglob("*.bin")) == []
     assert [p.name for p in (archive / "c").iterdir()] == [f"{CUTOFF}.parquet"]
 
 
+@pytest.mark.slow
 def test_a_host_failing_in_the_middle_is_kept_and_the_rest_archived(tmp_path: Path) -> None:
     """h1's directory is unreadable (mode 000, for a process without the capability to
     bypass it): its load yields nothing but the report while h0 is already written and h2,
@@ -100,7 +92,7 @@ def test_a_host_failing_in_the_middle_is_kept_and_the_rest_archived(tmp_path: Pa
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     files = {h: write_host(cp, "c", h, 50, i) for i, h in enumerate(["h0", "h1", "h2", "h3"])}
     want = sorted(
-        (r for h, p in files.items() if h != "h1" for r in expected("c", h, p)), key=row_order
+        (r for h, p in files.items() if h != "h1" for r in expected("c", h, p)), key=full_key
     )
     kept = snapshot(cp / "c" / "h1")
     (cp / "c" / "h1").chmod(0)
@@ -120,9 +112,10 @@ def test_a_host_failing_in_the_middle_is_kept_and_the_rest_archived(tmp_path: Pa
     assert snapshot(cp / "c" / "h1") == kept
     for host in ("h0", "h2", "h3"):
         assert not any((cp / "c" / host).iterdir())
-    assert sorted(archive_rows(archive / "c" / f"{CUTOFF}.parquet"), key=row_order) == want
+    assert sorted(archive_rows(archive / "c" / f"{CUTOFF}.parquet"), key=full_key) == want
 
 
+@pytest.mark.slow
 def test_writing_failing_midway_keeps_every_file_and_leaves_no_archive(tmp_path: Path) -> None:
     """The archive root is below a regular file: the finalize thread fails on the first host
     while the others still load; the run waits for them, keeps everything, reports it."""
@@ -189,6 +182,7 @@ def test_a_copy_of_archived_files_is_kept_not_archived_again(tmp_path: Path, wor
     assert snapshot(copy) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cutoff", [5, None])
 def test_nothing_to_load_starts_no_pool(tmp_path: Path, cutoff: int | None) -> None:
     """16 workers and nothing older than the cutoff (or an empty tree): no process is

@@ -27,41 +27,41 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from tests import helpers
 from tests.fixtures_s3 import KEY_ID, SECRET, MotoServer, S3Bucket, S3Proxy
-from tests.helpers import Row, bin_file, bin_level, oracle_rows, snapshot, sort_key
+from tests.helpers import (
+    Row,
+    archive_argv,
+    bin_file,
+    bin_level,
+    full_key,
+    snapshot,
+    sort_key,
+    table_rows,
+)
 from tests.test_archive import CLUSTER, CUTOFF, build_tree
 from workers import output, runner, sink, storage
 from workers.cli import main
 from workers.config import Settings
 
+pytestmark = [pytest.mark.s3]
+
 MiB = 1 << 20
 START, FREQ = 1_000_000, 60
-
-
-def full_key(row: Row) -> tuple[Any, ...]:
-    """SPEC order, then the remaining columns: rows with equal SPEC keys (`cpu7` and
-    `hwthread7`) may come in either order, this makes the comparison exact anyway."""
-    return (*sort_key(row), row[6], row[7])
 
 
 def s3_rows(bucket: S3Bucket, key: str) -> list[Row]:
     """Rows of an archive on S3 (values as float32 bit patterns), checked to be in SPEC
     order, then fully sorted."""
     body = bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"].read()
-    table = pq.read_table(io.BytesIO(body))
-    bits = table.column("value").to_numpy().view(np.uint32).tolist()
-    names = ("cluster", "hostname", "metric", "scope", "scope_id", "timestamp", "frequency")
-    cols = [table.column(c).to_pylist() for c in names]
-    rows: list[Row] = [(*vals, b) for *vals, b in zip(*cols, bits, strict=True)]  # type: ignore[misc]
+    rows = table_rows(pq.read_table(io.BytesIO(body)))
     assert rows == sorted(rows, key=sort_key)
     return sorted(rows, key=full_key)
 
 
 def expected_rows(good: list[tuple[str, str, Path]], cluster: str) -> list[Row]:
     """The oracle's rows of the archivable files of one cluster, fully sorted."""
-    return sorted(
-        (r for c, h, p in good if c == cluster for r in oracle_rows(c, h, p)), key=full_key
-    )
+    return helpers.expected_rows((p for c, _, p in good if c == cluster), key=full_key)
 
 
 def ccarchive(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -170,21 +170,7 @@ def test_archive_and_staging_on_s3_rows_exact(tmp_path: Path, s3_bucket: S3Bucke
     before = snapshot(cp)
     archive, staging = f"{s3_bucket.url}/archive", f"{s3_bucket.url}/staging"
 
-    code = main(
-        [
-            "archive",
-            "--checkpoints",
-            str(cp),
-            "--archive",
-            archive,
-            "--staging",
-            staging,
-            "--cutoff",
-            str(CUTOFF),
-            "--workers",
-            "1",
-        ]
-    )
+    code = main([*archive_argv(cp, archive, CUTOFF, 1), "--staging", staging])
 
     assert code == 1  # the tree's bad files are reported
     assert s3_bucket.keys() == [f"archive/{CLUSTER}/{CUTOFF}.parquet"]  # staging cleaned
@@ -209,7 +195,7 @@ def test_console_script_with_worker_pool(
     cp = tmp_path / "checkpoints"
     good, _kept = build_tree(cp)
     expected = expected_rows(good, CLUSTER)
-    args = ["archive", "--checkpoints", str(cp), "--archive", f"{s3_bucket.url}/a"]
+    args = archive_argv(cp, f"{s3_bucket.url}/a")
     args += ["--cutoff", str(CUTOFF), "--workers", "3"]
     if staging == "local":
         args += ["--staging", str(tmp_path / "staging")]
@@ -248,7 +234,7 @@ def test_archives_readable_by_pyarrow_dataset_and_duckdb(
     archive = f"{s3_bucket.url}/archive"
     fritz_rows = len(expected_rows(good, CLUSTER))
     total = fritz_rows + len(expected_rows(good, "alex"))
-    main(["archive", "--checkpoints", str(cp), "--archive", archive, "--cutoff", str(CUTOFF)])
+    main(archive_argv(cp, archive, CUTOFF))
 
     # pyarrow's dataset API with its own S3 client (docs/s3.md).
     s3 = pafs.S3FileSystem(
@@ -351,7 +337,7 @@ def test_worker_killed_mid_upload_then_next_run_succeeds(
         "CCARCHIVE_S3_PART_SIZE_MIB": "5",
         "CCARCHIVE_ROW_GROUP_ROWS": "2000000",
     }
-    args = ["archive", "--checkpoints", str(cp), "--archive", f"{s3_bucket.url}/archive"]
+    args = archive_argv(cp, f"{s3_bucket.url}/archive")
     args += ["--staging", f"{s3_bucket.url}/staging", "--cutoff", str(CUTOFF), "--workers", "1"]
 
     killed = ccarchive(*args, env={**env, "CCARCHIVE_FAULT_FILE": str(fault)})
@@ -376,7 +362,7 @@ def test_existing_archive_is_never_overwritten(tmp_path: Path, s3_bucket: S3Buck
     host = cp / "c" / "h"
     host.mkdir(parents=True)
     (host / "100.bin").write_bytes(bin_file(bin_level({"m": (FREQ, 100, [1.0])})))
-    args = ["archive", "--checkpoints", str(cp), "--archive", f"{s3_bucket.url}/a"]
+    args = archive_argv(cp, f"{s3_bucket.url}/a")
     args += ["--cutoff", "200", "--workers", "1"]
     assert main(args) == 0
     key = "a/c/200.parquet"
@@ -472,10 +458,8 @@ def test_remove_tree_aborts_pending_uploads_below_the_prefix(s3_bucket: S3Bucket
 # --- configuration ----------------------------------------------------------------------------
 
 
-def test_settings_to_storage_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("CCARCHIVE_"):
-            monkeypatch.delenv(name)
+def test_settings_to_storage_options(clean_settings: pytest.MonkeyPatch) -> None:
+    monkeypatch = clean_settings
     monkeypatch.setenv("CCARCHIVE_S3_ENDPOINT_URL", "http://minio:9000")
     monkeypatch.setenv("CCARCHIVE_S3_ACCESS_KEY_ID", "AKIA")
     monkeypatch.setenv("CCARCHIVE_S3_SECRET_ACCESS_KEY", "hush")

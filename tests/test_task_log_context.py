@@ -10,14 +10,13 @@ worker's handlers carry.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures_s3 import free_port
+from tests.helpers import free_port
 from workers import logs
 from workers.manifest import ClusterReport
 
@@ -35,13 +34,11 @@ class _Capture(logging.Handler):
 
 
 @pytest.fixture
-def captured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Capture]:
+def captured(tmp_path: Path, clean_settings: pytest.MonkeyPatch) -> Iterator[_Capture]:
     """Worker settings (no Redis answering), the tasks module, and every log record."""
     from workers.distributed import tasks
 
-    for name in list(os.environ):
-        if name.startswith("CCARCHIVE_"):
-            monkeypatch.delenv(name)
+    monkeypatch = clean_settings
     (tmp_path / "cp").mkdir()
     monkeypatch.setenv("CCARCHIVE_CHECKPOINTS", str(tmp_path / "cp"))
     monkeypatch.setenv("CCARCHIVE_ARCHIVE", str(tmp_path / "arc"))
