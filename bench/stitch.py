@@ -51,7 +51,7 @@ from bench.thrift_compact import (
     encode_struct,
     get,
 )
-from workers import sink, staging, steps
+from workers import chunks, sink, steps
 from workers.rows import CHUNK_SCHEMA, table_digest
 
 MAGIC = b"PAR1"
@@ -202,7 +202,7 @@ def _write(path: str, cluster: str, hosts: list[tuple[str, str]], meta: Mapping[
     cpu = time.process_time()
     with open(path, "wb") as f:
         items: Iterator[tuple[str, Iterator[pa.RecordBatch]]] = (
-            (h, staging.read_chunk(c)) for h, c in hosts
+            (h, chunks.read_chunk(c)) for h, c in hosts
         )
         sink.write_parquet(f, cluster, items, lambda: dict(meta), sink.ParquetOptions())
     return time.process_time() - cpu

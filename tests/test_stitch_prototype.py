@@ -14,14 +14,14 @@ import pytest
 
 from bench.stitch import stitch
 from bench.thrift_compact import decode_struct, encode_struct
-from workers import sink, staging, steps
+from workers import chunks, sink, steps
 from workers.generate import generate_tree
 
 
 def _write(path: Path, hosts: list[tuple[str, str]], meta: dict[str, str], rows: int) -> None:
     options = sink.ParquetOptions(row_group_rows=rows)
     with open(path, "wb") as f:
-        items = ((h, staging.read_chunk(c)) for h, c in hosts)
+        items = ((h, chunks.read_chunk(c)) for h, c in hosts)
         sink.write_parquet(f, "fritz", items, lambda: meta, options)
 
 
