@@ -28,7 +28,7 @@ from .checkpoint import (
 from .faults import crash_point
 from .logs import step_context
 from .manifest import BadFile, DeleteResult, HostManifest, SourceFile, shown_name
-from .rows import RowDigest, host_table, table_digest
+from .rows import CHUNK_SCHEMA, RowDigest, host_table, table_digest
 from .sourcefiles import Listed, delete_if_unchanged, listed_identity, read_listed
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,30 @@ def load_host(
     `exclude` names files a committed archive already holds (see `recovery`): never again.
     """
     started = time.perf_counter()
+    manifest, table = read_host(checkpoints, cluster, host, cutoff, run_id, exclude)
+    if table.num_rows:
+        url = staging.chunk_url(staging_url, run_id, cluster, host)
+        staging.write_chunk(table, url, chunk_compression)
+        manifest.chunk = url
+    crash_point("load:staged")
+    manifest.seconds = time.perf_counter() - started
+    return manifest
+
+
+@step_context
+def read_host(
+    checkpoints: str,
+    cluster: str,
+    host: str,
+    cutoff: int,
+    run_id: str,
+    exclude: Collection[str] = (),
+) -> tuple[HostManifest, pa.Table]:
+    """Read a host's selected files and sort its rows: its manifest (no chunk) and rows.
+
+    `load_host` without staging, for a writer in the same process (`finalize_streaming`).
+    """
+    started = time.perf_counter()
     check_name(run_id, "run id")  # part of the chunk's path in staging
     check_cutoff(cutoff)
     manifest = HostManifest(cluster=cluster, host=host, cutoff=cutoff, run_id=run_id)
@@ -188,7 +212,7 @@ def load_host(
         selection = select_files(directory, cutoff, exclude)
     except OSError as exc:
         manifest.bad.append(BadFile(str(directory), f"cannot list: {exc.strerror or exc}"))
-        return manifest
+        return manifest, CHUNK_SCHEMA.empty_table()
     manifest.bad.extend(selection.bad)
     batches: list[FileBatch] = []
     for listed in selection.files:
@@ -206,13 +230,8 @@ def load_host(
     crash_point("load:read")
     manifest.rows = table.num_rows
     manifest.digest = table_digest(table)
-    if table.num_rows:
-        url = staging.chunk_url(staging_url, run_id, cluster, host)
-        staging.write_chunk(table, url, chunk_compression)
-        manifest.chunk = url
-    crash_point("load:staged")
     manifest.seconds = time.perf_counter() - started
-    return manifest
+    return manifest, table
 
 
 @step_context
@@ -224,8 +243,12 @@ def finalize_cluster(
     archive: str,
     options: sink.ParquetOptions | None = None,
     before_publish: Callable[[], None] | None = None,
+    rows_of: RowsOf | None = None,
 ) -> sink.ArchiveInfo | None:
-    """Stream the cluster's chunks in host order into its verified archive; None if no rows."""
+    """Stream the cluster's chunks in host order into its verified archive; None if no rows.
+
+    `rows_of(manifest)` gives a host's rows; by default its staged chunk, checked.
+    """
     _check_finalize_names(cluster, cutoff, run_id)
     for m in manifests:
         check_name(m.host, "host")
@@ -235,7 +258,7 @@ def finalize_cluster(
     info = sink.write_archive(
         sink.archive_url(archive, cluster, cutoff),
         cluster,
-        _chunks(ordered),
+        _chunks(ordered, rows_of or staged_rows),
         sink.commit_record(cluster, cutoff, run_id, ordered),
         options or sink.ParquetOptions(),
         before_publish,
@@ -252,6 +275,7 @@ def finalize_streaming(
     manifests: Iterable[HostManifest],
     archive: str,
     options: sink.ParquetOptions | None = None,
+    rows_of: RowsOf | None = None,
 ) -> sink.ArchiveInfo | None:
     """Like `finalize_cluster`, but writing each host as soon as the iterable yields it.
 
@@ -269,7 +293,10 @@ def finalize_streaming(
         if m.files and m.rows:
             break
     if not any(m.files and m.rows for m in head) or fs.exists(path):
-        return finalize_cluster(cluster, cutoff, run_id, [*head, *arrived], archive, options)
+        everything = [*head, *arrived]
+        return finalize_cluster(
+            cluster, cutoff, run_id, everything, archive, options, rows_of=rows_of
+        )
     seen: list[HostManifest] = []
 
     def in_order() -> Iterator[HostManifest]:
@@ -284,7 +311,7 @@ def finalize_streaming(
     info = sink.write_archive(
         url,
         cluster,
-        _chunks(in_order()),
+        _chunks(in_order(), rows_of or staged_rows),
         lambda: sink.commit_record(cluster, cutoff, run_id, seen),
         options or sink.ParquetOptions(),
     )
@@ -298,17 +325,24 @@ def _check_finalize_names(cluster: str, cutoff: int, run_id: str) -> None:
     check_cutoff(cutoff)  # the archive's file name
 
 
-def _chunks(manifests: Iterable[HostManifest]) -> Iterator[tuple[str, Iterator[pa.RecordBatch]]]:
-    """(host, its staged batches) for each manifest with rows, in the order given."""
-    return ((m.host, _checked(m)) for m in manifests if m.rows and m.chunk)
+#: A host's rows for the writer: its staged chunk (`staged_rows`) or rows held in memory.
+RowsOf = Callable[[HostManifest], Iterator[pa.RecordBatch]]
 
 
-def _checked(m: HostManifest) -> Iterator[pa.RecordBatch]:
+def _chunks(
+    manifests: Iterable[HostManifest], rows_of: RowsOf
+) -> Iterator[tuple[str, Iterator[pa.RecordBatch]]]:
+    """(host, its batches) for each manifest with rows, in the order given."""
+    return ((m.host, rows_of(m)) for m in manifests if m.rows)
+
+
+def staged_rows(m: HostManifest) -> Iterator[pa.RecordBatch]:
     """The host's staged batches; at their end, fail unless they are the rows it loaded.
 
     Raised inside the write, before the footer: the archive is never published.
     """
-    assert m.chunk is not None
+    if m.chunk is None:
+        raise sink.VerificationError(f"{m.cluster}/{m.host}: {m.rows} rows loaded, none staged")
     digest = RowDigest()
     for batch in staging.read_chunk(m.chunk):
         digest.update(batch)
@@ -397,3 +431,26 @@ __all__ = [
     "load_host",
     "select_files",
 ]
+
+
+class HeldRows:
+    """Rows read in this process (`read_host`), handed to the writer once: a `RowsOf`.
+
+    The embedded runner with one worker writes each host as it reads it, so its rows never
+    go through a staging chunk and back (an LZ4 IPC write and read, and a second copy).
+    """
+
+    def __init__(self) -> None:
+        self._tables: dict[str, pa.Table] = {}
+
+    def hold(self, manifest: HostManifest, table: pa.Table) -> HostManifest:
+        """Keep the host's rows until the writer asks for them; return the manifest."""
+        if table.num_rows:
+            self._tables[manifest.host] = table
+        return manifest
+
+    def __call__(self, m: HostManifest) -> Iterator[pa.RecordBatch]:
+        table = self._tables.pop(m.host, None)  # popped: freed once written
+        if table is None or table.num_rows != m.rows:
+            raise sink.VerificationError(f"{m.cluster}/{m.host}: rows not held for the writer")
+        yield from table.to_batches()
