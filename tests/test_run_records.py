@@ -139,9 +139,9 @@ def test_an_unwritable_home_is_one_clear_warning(tmp_path: Path) -> None:
 def start_stalled(
     tmp: Path, env: dict[str, str], workers: int
 ) -> tuple[subprocess.Popen[str], Path]:
-    """An embedded run held after its first staged chunk; returned once it is held."""
+    """An embedded run held after its first host is read; returned once it is held."""
     fault = tmp / "fault"
-    fault.write_text("stall load:staged")
+    fault.write_text("stall load:read")
     proc = subprocess.Popen(
         [
             sys.executable,
