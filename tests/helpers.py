@@ -305,11 +305,12 @@ def run_cli(
 
 @contextmanager
 def stalled_run(
-    argv: Sequence[str], env: Mapping[str, str], fault: Path
+    argv: Sequence[str], env: Mapping[str, str], fault: Path, point: str = "load:staged"
 ) -> Iterator[subprocess.Popen[str]]:
-    """`ccarchive <argv>` armed to stall after its first staged chunk (`fault` is the fault
-    file), given once it is held there; at the end let go and killed if still running."""
-    fault.write_text("stall load:staged")
+    """`ccarchive <argv>` armed to stall at crash point `point` (by default after its first
+    staged chunk; `fault` is the fault file), given once it is held there; at the end let
+    go and killed if still running."""
+    fault.write_text(f"stall {point}")
     proc = subprocess.Popen(
         [*CLI, *argv],
         stdout=subprocess.PIPE,

@@ -36,7 +36,10 @@ def run_with(
     cp: Path, archive: Path, on_event: Callable[[str, str, dict[str, Any]], None], **kw: Any
 ) -> Any:
     [report] = runner.run(
-        runner.RunOptions(str(cp), CUTOFF, archive=str(archive), workers=1, **kw), on_event
+        runner.RunOptions(
+            str(cp), CUTOFF, archive=str(archive), workers=kw.pop("workers", 1), **kw
+        ),
+        on_event,
     )
     return report
 
@@ -229,7 +232,8 @@ def test_two_hosts_cannot_share_a_chunk_even_with_equal_row_counts(tmp_path: Pat
             [c1] = staging.rglob("h1.arrow")
             shutil.copyfile(c0, c1)
 
-    report = run_with(cp, archive, on_event, staging=str(staging))
+    # Two workers: rows are staged (with one they go straight from reader to writer).
+    report = run_with(cp, archive, on_event, staging=str(staging), workers=2)
 
     assert not report.ok and report.archive is None
     assert any("differ from the rows loaded" in e for e in report.errors), report.errors

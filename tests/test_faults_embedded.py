@@ -76,8 +76,11 @@ def assert_exactly_once(
     assert not duplicated, f"{sum(duplicated.values())} rows duplicated or foreign"
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize(
+    ("point", "workers"),
+    # With one worker rows go straight from the reader to the writer: nothing is staged.
+    [(p, w) for p in POINTS for w in (1, 2) if (p, w) != ("load:staged", 1)],
+)
 def test_crash_then_recover(tmp_path: Path, point: str, workers: int) -> None:
     cp, archive = tmp_path / "cp", tmp_path / "archive"
     make_tree(cp)

@@ -124,9 +124,9 @@ def test_an_unwritable_home_is_one_clear_warning(tmp_path: Path) -> None:
 def stalled(
     tmp: Path, env: dict[str, str], workers: int
 ) -> AbstractContextManager[subprocess.Popen[str]]:
-    """An embedded run held after its first staged chunk, given once it is held."""
+    """An embedded run held after its first host is read, given once it is held."""
     argv = archive_argv(tmp / "ck", tmp / "arc", CUTOFF, workers)
-    return helpers.stalled_run(argv, env, tmp / "fault")
+    return helpers.stalled_run(argv, env, tmp / "fault", "load:read")
 
 
 @pytest.mark.slow

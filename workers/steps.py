@@ -159,6 +159,31 @@ def load_host(
     `exclude` names files a committed archive already holds (see `recovery`): never again.
     """
     started = time.perf_counter()
+    manifest, table = read_host(checkpoints, cluster, host, cutoff, run_id, exclude)
+    if table is not None and table.num_rows:
+        from . import chunks  # deferred: see _read
+
+        url = chunk_url(staging_url, run_id, cluster, host)
+        chunks.write_chunk(table, url, chunk_compression)
+        manifest.chunk = url
+    crash_point("load:staged")
+    manifest.seconds = time.perf_counter() - started
+    return manifest
+
+
+@step_context
+def read_host(
+    checkpoints: str,
+    cluster: str,
+    host: str,
+    cutoff: int,
+    run_id: str,
+    exclude: Collection[str] = (),
+) -> tuple[HostManifest, pa.Table | None]:
+    """Read a host's selected files and sort its rows: its manifest (no chunk) and rows
+    (None if no file was read). `load_host` without staging, for a writer in this process.
+    """
+    started = time.perf_counter()
     check_name(run_id, "run id")  # part of the chunk's path in staging
     check_cutoff(cutoff)
     manifest = HostManifest(cluster=cluster, host=host, cutoff=cutoff, run_id=run_id)
@@ -167,7 +192,7 @@ def load_host(
         selection = select_files(directory, cutoff, exclude)
     except OSError as exc:
         manifest.bad.append(BadFile(str(directory), f"cannot list: {exc.strerror or exc}"))
-        return manifest
+        return manifest, None
     manifest.bad.extend(selection.bad)
     batches: list[FileBatch] = []
     for listed in selection.files:
@@ -180,30 +205,17 @@ def load_host(
             continue
         manifest.files.append(replace(source, rows=batch.rows))
         batches.append(batch)
-    if batches:  # else no rows, no chunk, no digest (nothing goes into an archive)
-        _stage(batches, manifest, chunk_url(staging_url, run_id, cluster, host), chunk_compression)
-    else:
-        crash_point("load:read")
-    crash_point("load:staged")
-    manifest.seconds = time.perf_counter() - started
-    return manifest
+    table = None
+    if batches:  # else no rows and no digest (nothing goes into an archive)
+        from .rows import host_table, table_digest  # deferred: see _read
 
-
-def _stage(
-    batches: list[FileBatch], manifest: HostManifest, url: str, compression: str | None
-) -> None:
-    """Sort the host's rows; record their count and digest; stage them at url if any."""
-    from . import chunks  # deferred: see _read
-    from .rows import host_table, table_digest
-
-    table = host_table(batches)
-    batches.clear()  # the table holds the rows now: free the parsed files
+        table = host_table(batches)
+        batches.clear()  # the table holds the rows now: free the parsed files
+        manifest.rows = table.num_rows
+        manifest.digest = table_digest(table)
     crash_point("load:read")
-    manifest.rows = table.num_rows
-    manifest.digest = table_digest(table)
-    if table.num_rows:
-        chunks.write_chunk(table, url, compression)
-        manifest.chunk = url
+    manifest.seconds = time.perf_counter() - started
+    return manifest, table
 
 
 @step_context
@@ -215,8 +227,12 @@ def finalize_cluster(
     archive: str,
     options: ParquetOptions | None = None,
     before_publish: Callable[[], None] | None = None,
+    rows_of: RowsOf | None = None,
 ) -> ArchiveInfo | None:
-    """Stream the cluster's chunks in host order into its verified archive; None if no rows."""
+    """Stream the cluster's chunks in host order into its verified archive; None if no rows.
+
+    `rows_of(manifest)` gives a host's rows; by default its staged chunk, checked.
+    """
     _check_finalize_names(cluster, cutoff, run_id)
     for m in manifests:
         check_name(m.host, "host")
@@ -228,7 +244,7 @@ def finalize_cluster(
     info = sink.write_archive(
         archive_url(archive, cluster, cutoff),
         cluster,
-        _chunks(ordered),
+        _chunks(ordered, rows_of or staged_rows),
         sink.commit_record(cluster, cutoff, run_id, ordered),
         options or ParquetOptions(),
         before_publish,
@@ -245,6 +261,7 @@ def finalize_streaming(
     manifests: Iterable[HostManifest],
     archive: str,
     options: ParquetOptions | None = None,
+    rows_of: RowsOf | None = None,
 ) -> ArchiveInfo | None:
     """Like `finalize_cluster`, but writing each host as soon as the iterable yields it.
 
@@ -262,7 +279,10 @@ def finalize_streaming(
         if m.files and m.rows:
             break
     if not any(m.files and m.rows for m in head) or fs.exists(path):
-        return finalize_cluster(cluster, cutoff, run_id, [*head, *arrived], archive, options)
+        everything = [*head, *arrived]
+        return finalize_cluster(
+            cluster, cutoff, run_id, everything, archive, options, rows_of=rows_of
+        )
     from . import sink  # deferred: see _read
 
     seen: list[HostManifest] = []
@@ -279,7 +299,7 @@ def finalize_streaming(
     info = sink.write_archive(
         url,
         cluster,
-        _chunks(in_order()),
+        _chunks(in_order(), rows_of or staged_rows),
         lambda: sink.commit_record(cluster, cutoff, run_id, seen),
         options or ParquetOptions(),
     )
@@ -293,12 +313,18 @@ def _check_finalize_names(cluster: str, cutoff: int, run_id: str) -> None:
     check_cutoff(cutoff)  # the archive's file name
 
 
-def _chunks(manifests: Iterable[HostManifest]) -> Iterator[tuple[str, Iterator[pa.RecordBatch]]]:
-    """(host, its staged batches) for each manifest with rows, in the order given."""
-    return ((m.host, _checked(m)) for m in manifests if m.rows and m.chunk)
+#: A host's rows for the writer: its staged chunk (`staged_rows`) or rows held in memory.
+RowsOf = Callable[[HostManifest], Iterator["pa.RecordBatch"]]
 
 
-def _checked(m: HostManifest) -> Iterator[pa.RecordBatch]:
+def _chunks(
+    manifests: Iterable[HostManifest], rows_of: RowsOf
+) -> Iterator[tuple[str, Iterator[pa.RecordBatch]]]:
+    """(host, its batches) for each manifest with rows, in the order given."""
+    return ((m.host, rows_of(m)) for m in manifests if m.rows)
+
+
+def staged_rows(m: HostManifest) -> Iterator[pa.RecordBatch]:
     """The host's staged batches; at their end, fail unless they are the rows it loaded.
 
     Raised inside the write, before the footer: the archive is never published.
@@ -306,7 +332,8 @@ def _checked(m: HostManifest) -> Iterator[pa.RecordBatch]:
     from . import chunks, sink  # deferred: see _read
     from .rows import RowDigest
 
-    assert m.chunk is not None
+    if m.chunk is None:
+        raise sink.VerificationError(f"{m.cluster}/{m.host}: {m.rows} rows loaded, none staged")
     digest = RowDigest()
     for batch in chunks.read_chunk(m.chunk):
         digest.update(batch)
@@ -316,6 +343,31 @@ def _checked(m: HostManifest) -> Iterator[pa.RecordBatch]:
             f"{m.cluster}/{m.host}: staged rows {m.chunk} differ from the rows loaded "
             f"(digest {digest.hexdigest()}, loaded {m.digest or 'none'})"
         )
+
+
+class HeldRows:
+    """Rows read in this process (`read_host`), handed to the writer once: a `RowsOf`.
+
+    With one worker the embedded runner writes each host as it reads it, so its rows never
+    go through a staging chunk and back (an LZ4 IPC write and read, and a second copy).
+    """
+
+    def __init__(self) -> None:
+        self._tables: dict[str, pa.Table] = {}
+
+    def hold(self, manifest: HostManifest, table: pa.Table | None) -> HostManifest:
+        """Keep the host's rows until the writer asks for them; return the manifest."""
+        if table is not None and table.num_rows:
+            self._tables[manifest.host] = table
+        return manifest
+
+    def __call__(self, m: HostManifest) -> Iterator[pa.RecordBatch]:
+        from . import sink  # deferred: see _read
+
+        table = self._tables.pop(m.host, None)  # popped: freed once written
+        if table is None or table.num_rows != m.rows:
+            raise sink.VerificationError(f"{m.cluster}/{m.host}: rows not held for the writer")
+        yield from table.to_batches()
 
 
 @step_context
