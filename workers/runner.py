@@ -270,6 +270,7 @@ class _Run:
     pending: dict[Future[Any], tuple[str, str, str]] = field(default_factory=dict)
     pool: Executor | None = None
     streaming: bool = False
+    direct: bool = False  # one worker: each host read, then written at once (no staging)
     finalizers: list[threading.Thread] = field(default_factory=list)
 
     @property
@@ -290,7 +291,7 @@ class _Run:
         lock = c.lock
         c.run.finish(
             self.run_log,
-            staging=self.staging_url if staging else None,
+            staging=self.staging_url if staging and not self.direct else None,
             release=lock.release if lock is not None else None,
         )
         self.notify("done", c.report.cluster, {"ok": c.report.ok})
@@ -298,6 +299,9 @@ class _Run:
     def start_cluster(self, c: _Cluster) -> None:
         """Submit the cluster's first per-host stage (and its streaming finalize)."""
         o, cluster = self.options, c.report.cluster
+        if self.direct and c.hosts:
+            self.submit("finalize", cluster, "", self.read_and_write, c)
+            return
         for host in sorted(c.hosts):
             if o.mode == "delete":
                 args: tuple[Any, ...] = (o.checkpoints, cluster, host, o.cutoff)
@@ -314,6 +318,34 @@ class _Run:
             future, thread = _finalize_behind_loads(c.feed, cluster, o.cutoff, self.run_id, o)
             self.pending[future] = ("finalize", cluster, "")
             self.finalizers.append(thread)
+
+    def read_and_write(self, c: _Cluster) -> ArchiveInfo | None:
+        """One worker: read each host and write it into the archive at once, in hostname
+        order. Its rows never make the round trip through a staging chunk (an LZ4 IPC write
+        and read, and a second copy in memory: bench/README.md, "One worker, no staging")."""
+        o, cluster = self.options, c.report.cluster
+        held = steps.HeldRows()
+
+        def hosts() -> Iterator[HostManifest]:
+            for host in sorted(c.hosts):
+                read: Future[Any] = Future()
+                try:
+                    manifest, table = steps.read_host(
+                        o.checkpoints, cluster, host, o.cutoff, self.run_id,
+                        c.run.exclude.get(host, []),
+                    )  # fmt: skip
+                except Exception as exc:
+                    read.set_exception(exc)
+                else:
+                    read.set_result(manifest)
+                loaded = self.on_loaded(c, host, read)
+                if loaded is not None:
+                    yield held.hold(loaded, table)
+                table = None  # held (or nothing to hold): this frame keeps no rows
+
+        return steps.finalize_streaming(
+            cluster, o.cutoff, self.run_id, hosts(), o.archive or "", o.parquet, rows_of=held
+        )
 
     def dispatch(self, future: Future[Any]) -> None:
         """Fold a finished step into its cluster's run and start what follows."""
@@ -459,6 +491,7 @@ def _drive(r: _Run, live: list[_Cluster], private_root: str | None) -> None:
         log.info("nothing selected at cutoff %d: no process pool started", options.cutoff)
     # A thread per cluster writes its archive while its hosts load (see the module's doc).
     r.streaming = options.workers > 1 and archiving and busy
+    r.direct = options.workers <= 1 and archiving and busy
     private_run: staging.PrivateRun | None = None
     stopped: BaseException | None = None
     try:
@@ -466,7 +499,7 @@ def _drive(r: _Run, live: list[_Cluster], private_root: str | None) -> None:
             recovery.sweep_staging(
                 r.staging_url, r.run_id, options.grace_seconds, private=private_root is not None
             )
-            if any(c.hosts for c in live):
+            if any(c.hosts for c in live) and not r.direct:
                 # Marked before any chunk: only a marked run directory may a sweep remove.
                 if private_root is not None:
                     private_run = staging.PrivateRun(private_root, r.run_id)
@@ -490,7 +523,7 @@ def _drive(r: _Run, live: list[_Cluster], private_root: str | None) -> None:
         # Nothing in the run's staging is of use once the run ends, finished or not.
         if private_run is not None:
             private_run.close()
-        elif archiving and r.staging_url and live:
+        elif archiving and r.staging_url and live and not r.direct:
             with suppress(OSError):  # it is marked: a later run's sweep removes it
                 staging.remove_run(r.staging_url, r.run_id)
 
