@@ -259,7 +259,10 @@ def write_parquet(
             for table in _row_groups(cluster, host, batches, options.row_group_rows):
                 writer.write_table(table, row_group_size=options.row_group_rows)
                 rows += table.num_rows
+                # Written: not kept alive while the next host is read (a whole host's rows).
+                del table
                 crash_point("finalize:writing")
+            del batches
         writer.add_key_value_metadata(dict(footer()))
     finally:
         writer.close()
