@@ -8,7 +8,7 @@ import sys
 
 import pyarrow as pa
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters
 _allocator_tuned = False
 
 
@@ -23,7 +23,11 @@ def tune_allocator() -> None:
     JSON host's CPU time; and mimalloc keeps its own, separate reserve (finalize: +45 MB
     peak RSS, 10 % slower than Arrow's system pool). So: Arrow allocates with malloc too,
     and malloc keeps up to 256 MiB free and serves blocks under 32 MiB from its heap
-    (bench/README.md). Linux with glibc only; CCARCHIVE_MALLOC_TUNING=0 leaves defaults.
+    (bench/README.md). And one malloc arena for every thread: glibc gives threads that
+    allocate at once arenas of their own, each keeping its own free memory, so the
+    embedded runner's load and finalize threads held two hosts' worth of reserve (-15 MB
+    peak RSS with one worker, bench/memory.py; no measurable CPU cost). Linux with glibc
+    only; CCARCHIVE_MALLOC_TUNING=0 leaves defaults.
     """
     global _allocator_tuned
     if _allocator_tuned:
@@ -33,8 +37,11 @@ def tune_allocator() -> None:
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
-        tuned = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(
-            _M_TRIM_THRESHOLD, 256 << 20
+        tuned = (
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            and libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+            # Threads that already have an arena keep it; those started later share one.
+            and libc.mallopt(_M_ARENA_MAX, 1)
         )
     except (OSError, AttributeError):
         return  # not glibc (musl has no mallopt): keep every default
