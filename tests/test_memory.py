@@ -54,3 +54,33 @@ def test_a_written_host_is_released_before_the_next_host_is_asked_for(tmp_path: 
     assert rows == 150_000
     assert released == [True]
     assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_row_groups == 2
+
+
+def test_one_byte_constant_indices_write_the_same_bytes(tmp_path: Path) -> None:
+    # cluster and hostname go to the writer with int8 indices (a smaller shared array);
+    # the file must be byte for byte what int32 indices give.
+    table, _ = _host_rows(70_000, "cpu_load")
+    options = sink.ParquetOptions()
+    ours = tmp_path / "int8.parquet"
+    with open(ours, "wb") as f:
+        sink.write_parquet(f, "c", [("h1", iter(table.to_batches()))], dict, options)
+    wide = pa.dictionary(pa.int32(), pa.string())
+    schema = pa.schema(
+        [
+            pa.field(f.name, wide, nullable=False) if f.name in ("cluster", "hostname") else f
+            for f in sink._WRITE_SCHEMA
+        ]
+    )
+    zeros = pa.array(np.zeros(table.num_rows, np.int32))
+    columns = [
+        pa.DictionaryArray.from_arrays(zeros, pa.array(["c"])),
+        pa.DictionaryArray.from_arrays(zeros, pa.array(["h1"])),
+        *table.columns,
+    ]
+    reference = tmp_path / "int32.parquet"
+    with open(reference, "wb") as f:
+        writer = pq.ParquetWriter(f, schema, **sink._writer_options(options))
+        writer.write_table(pa.Table.from_arrays(columns, schema=schema), options.row_group_rows)
+        writer.add_key_value_metadata({})
+        writer.close()
+    assert ours.read_bytes() == reference.read_bytes()
