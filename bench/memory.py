@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ def child(step: str, tree: str, cutoff: int) -> dict[str, Any]:
 
     from workers import sink, steps
     from workers.alloc import tune_allocator
+    from workers.manifest import HostManifest
 
     tune_allocator()
     out: dict[str, Any] = {"imports_mb": _status("VmRSS")}
@@ -106,7 +108,7 @@ def child(step: str, tree: str, cutoff: int) -> dict[str, Any]:
             _reset_peak()
             cpu = time.process_time()
 
-            def manifests():  # type: ignore[no-untyped-def]
+            def manifests() -> Iterator[HostManifest]:
                 for host in hosts:
                     yield held.hold(*steps.read_host(tree, CLUSTER, host, cutoff, "r1"))
 
