@@ -30,6 +30,10 @@ from .rows import ARCHIVE_SCHEMA, SORT_KEY
 META_PREFIX = "ccarchive."
 T = TypeVar("T")
 _DICT = pa.dictionary(pa.int32(), pa.string())
+#: cluster and hostname: one name per row group, so one-byte indices (the writer stores
+#: dictionary indices in its own bit width whatever their Arrow type: the same bytes).
+_CONSTANT = pa.dictionary(pa.int8(), pa.string())
+_CONSTANT_COLUMNS = ("cluster", "hostname")
 _STRING_COLUMNS = ("cluster", "hostname", "metric", "scope", "scope_id")
 
 # What is handed to the Parquet writer: strings stay dictionary-encoded end to end. The
@@ -37,7 +41,15 @@ _STRING_COLUMNS = ("cluster", "hostname", "metric", "scope", "scope_id")
 # STRING columns, exactly like the upstream archives.
 _WRITE_SCHEMA = pa.schema(
     [
-        pa.field(f.name, _DICT if f.name in _STRING_COLUMNS else f.type, nullable=False)
+        pa.field(
+            f.name,
+            _CONSTANT
+            if f.name in _CONSTANT_COLUMNS
+            else _DICT
+            if f.name in _STRING_COLUMNS
+            else f.type,
+            nullable=False,
+        )
         for f in ARCHIVE_SCHEMA
     ]
 )
@@ -142,16 +154,17 @@ def _row_groups(
         yield _with_names(cluster, host, pa.Table.from_batches(buffered))
 
 
-_ZEROS = np.zeros(0, np.int32)
+_ZEROS = np.zeros(0, np.int8)
 
 
 def _with_names(cluster: str, host: str, table: pa.Table) -> pa.Table:
     # cluster and hostname are constant per row group: dictionary indices that are all 0,
-    # sliced from one shared array instead of allocating (and page-faulting) per group.
+    # sliced from one shared array instead of allocating (and page-faulting) per group;
+    # int8, so the array a process keeps is 1 MiB for the largest row group, not 4.
     global _ZEROS
     n = table.num_rows
     if len(_ZEROS) < n:
-        _ZEROS = np.zeros(n, np.int32)
+        _ZEROS = np.zeros(n, np.int8)
         _ZEROS.flags.writeable = False
     zeros = pa.array(_ZEROS[:n])
 
@@ -214,7 +227,10 @@ def write_parquet(
             for table in _row_groups(cluster, host, batches, options.row_group_rows):
                 writer.write_table(table, row_group_size=options.row_group_rows)
                 rows += table.num_rows
+                # Written: not kept alive while the next host is read (a whole host's rows).
+                del table
                 crash_point("finalize:writing")
+            del batches
         writer.add_key_value_metadata(dict(footer()))
     finally:
         writer.close()
