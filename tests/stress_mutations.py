@@ -196,6 +196,13 @@ def _wait(proc: subprocess.Popen[bytes]) -> bool:
         return False
 
 
+def _loaded_one(staging: Path, archive: Path) -> bool:
+    """A host's rows are out of its files: a staged chunk, or an archive being written."""
+    if any(staging.rglob("*.arrow")):
+        return True
+    return any(p.name.endswith(".partial") for p in archive.rglob("*"))
+
+
 def run_trial(kind: str, seed: int, work: Path) -> TrialResult:
     """One run mutated at random moments, one recovery run, then the invariants."""
     rng = random.Random(seed)
@@ -210,9 +217,10 @@ def run_trial(kind: str, seed: int, work: Path) -> TrialResult:
     proc = _run(cp, archive, CUTOFF, workers, staging)
     started = time.monotonic()
     if rng.random() < 0.5:
-        # Half the trials strike once a host is staged: between its load and its deletion,
-        # the window a random moment rarely hits on a small tree.
-        while proc.poll() is None and not any(staging.rglob("*.arrow")):
+        # Half the trials strike once a host is staged (or, with one worker, written into
+        # the archive's temporary file): between its load and its deletion, the window a
+        # random moment rarely hits on a small tree.
+        while proc.poll() is None and not _loaded_one(staging, archive):
             if time.monotonic() - started > RUN_TIMEOUT:
                 break
             time.sleep(0.001)
