@@ -55,8 +55,14 @@ def test_test_fast_leaves_out_servers_and_slow_tests(tmp_path: Path) -> None:
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / ".installed-runtime").touch()
     (tmp_path / ".venv" / ".installed-test").touch()
+    # --no-print-directory: under `make test` this is a sub-make, which would otherwise
+    # print "Entering directory" lines around the command.
     out = subprocess.run(
-        ["make", "-n", "test-fast"], cwd=tmp_path, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", "test-fast"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     assert out == [
         '.venv/bin/python -m pytest tests -q -m "not distributed and not s3 and not slow"'
