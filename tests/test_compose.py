@@ -185,9 +185,11 @@ def test_app_services_start_as_local_processes(
     assert len(list((archive / "alex").glob("*.parquet"))) == 1
     storage_log = started["worker-storage-a"].output()
     assert names.LOAD_HOST in storage_log and "fritz" in storage_log
-    # Beat fires every second: the next run may have marked its staging directory already;
-    # each run removes its own once its clusters are done.
-    wait_until(lambda: os.listdir(mounts["/data/staging"]) == [], 30, "staging to be removed")
+    # Beat fires every second, and on a loaded machine a run (queue check, recovery, load,
+    # finalize and finish chords) takes longer than that: some run's staging directory is
+    # always there while beat goes on. Once beat stops, every run removes its own.
+    processes.stop(beat)
+    wait_until(lambda: os.listdir(mounts["/data/staging"]) == [], 60, "staging to be removed")
 
 
 def test_dockerfile_installs_dependencies_before_copying_the_code(tmp_path: Path) -> None:
